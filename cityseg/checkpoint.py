@@ -1,0 +1,135 @@
+"""Checkpoints on disk: atomic accelerate state per step, keep-last pruning, the best by mIoU, weight export."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+STEP_DIR = re.compile(r"^step_(\d{8})$")
+TRAINER_STATE = "trainer_state.json"  # written last: its presence marks a complete checkpoint
+MODEL_FILE = "model.safetensors"
+
+
+class CheckpointError(ValueError):
+    """A one-line, user-facing problem with a checkpoint (names the path)."""
+
+
+def step_dir(output_dir: str | Path, step: int) -> Path:
+    return Path(output_dir) / "checkpoints" / f"step_{step:08d}"
+
+
+def _fsync_tree(path: Path) -> None:
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        with open(file, "rb") as handle:
+            os.fsync(handle.fileno())
+    directory = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+
+
+def write_json_atomic(path: Path, payload: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as handle:
+        json.dump(payload, handle, indent=2)
+        handle.flush()
+        os.fsync(handle.fileno())
+    tmp.replace(path)
+
+
+def save(accelerator, output_dir: str | Path, trainer_state: dict, keep_last: int) -> Path:
+    """Save on every rank into a temporary directory; the main process seals it with a rename when all are done."""
+    final = step_dir(output_dir, trainer_state["step"])
+    tmp = final.with_name(f".tmp_{final.name}")
+    if accelerator.is_main_process and tmp.exists():
+        shutil.rmtree(tmp)  # left by a run killed mid-save
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))  # all ranks: the main one writes model/optimizer/..., each its RNG state
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        trainer_state = {**trainer_state, "model_bytes": (tmp / MODEL_FILE).stat().st_size}
+        write_json_atomic(tmp / TRAINER_STATE, trainer_state)
+        _fsync_tree(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+        prune(Path(output_dir), keep_last)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def complete_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Sealed step checkpoints, oldest first (temporary and unsealed directories are ignored)."""
+    root = Path(output_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if STEP_DIR.match(p.name) and (p / TRAINER_STATE).is_file()]
+    return sorted(found, key=lambda p: int(STEP_DIR.match(p.name).group(1)))
+
+
+def prune(output_dir: Path, keep_last: int) -> None:
+    for old in complete_checkpoints(output_dir)[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def read_trainer_state(path: Path) -> dict:
+    try:
+        return json.loads((path / TRAINER_STATE).read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: not a complete checkpoint ({TRAINER_STATE} missing)") from None
+    except (OSError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{path / TRAINER_STATE}: unreadable ({err})") from None
+
+
+def verify(path: Path) -> dict:
+    """Cheap integrity check before loading: trainer state parses and the weights file has a valid header."""
+    state = read_trainer_state(path)
+    weights = path / MODEL_FILE
+    if not weights.is_file():
+        raise CheckpointError(f"{path}: {MODEL_FILE} missing")
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(weights), framework="pt") as handle:
+            for key in handle.keys():
+                handle.get_slice(key)  # reads the header entry; truncation shows up as an error
+    except Exception as err:  # noqa: BLE001 - any failure means this checkpoint cannot be trusted
+        raise CheckpointError(f"{weights}: corrupt ({type(err).__name__}: {err})") from None
+    if weights.stat().st_size < state.get("model_bytes", 0):
+        raise CheckpointError(f"{weights}: truncated")
+    return state
+
+
+def find_resume(output_dir: str | Path, warn=print) -> Path | None:
+    """The newest complete checkpoint that passes verify(); a broken newer one is reported and skipped."""
+    for candidate in reversed(complete_checkpoints(output_dir)):
+        try:
+            verify(candidate)
+            return candidate
+        except CheckpointError as err:
+            warn(f"warning: skipping checkpoint: {err}")
+    return None
+
+
+def update_best(output_dir: str | Path, source: Path, miou: float, step: int) -> bool:
+    """Copy `source` to checkpoints/best if its mIoU beats the recorded best; atomic replace."""
+    best = Path(output_dir) / "checkpoints" / "best"
+    record = best / "best.json"
+    if record.is_file():
+        previous = json.loads(record.read_text())
+        if previous["mIoU"] >= miou:
+            return False
+    staging = best.with_name(".tmp_best")
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(source, staging)
+    write_json_atomic(staging / "best.json", {"mIoU": miou, "step": step, "source": source.name})
+    old = best.with_name(".old_best")
+    shutil.rmtree(old, ignore_errors=True)
+    if best.exists():
+        best.rename(old)
+    staging.rename(best)
+    shutil.rmtree(old, ignore_errors=True)
+    return True

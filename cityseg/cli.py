@@ -1,0 +1,98 @@
+"""The `cityseg` command: train, evaluate, synth — argument parsing and one-line errors, nothing more."""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+from cityseg.checkpoint import CheckpointError
+from cityseg.config import ConfigError, load_config
+from cityseg.data.cityscapes import DataError
+from cityseg.engine import TrainingError, evaluate, train
+from cityseg.model import ModelError
+
+USER_ERRORS = (ConfigError, DataError, ModelError, CheckpointError, TrainingError)
+
+
+def _config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, help="YAML file under configs/")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.epochs=2")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cityseg", description="Semantic segmentation on Cityscapes.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    _config_args(commands.add_parser("train", help="train a model (run under accelerate launch for many GPUs)"))
+    evaluate = commands.add_parser("evaluate", help="mIoU / per-class IoU of saved weights")
+    _config_args(evaluate)
+    evaluate.add_argument("--checkpoint", required=True, help="model.safetensors or a checkpoint directory")
+    evaluate.add_argument("--split", default=None, help="dataset split (default: data.val_split)")
+    evaluate.add_argument("--json", default=None, help="also write the metrics to this JSON file")
+    synth = commands.add_parser("synth", help="write a synthetic dataset in the Cityscapes layout")
+    synth.add_argument("--out", required=True)
+    synth.add_argument("--train", type=int, default=24)
+    synth.add_argument("--val", type=int, default=7)
+    synth.add_argument("--test", type=int, default=0)
+    synth.add_argument("--height", type=int, default=256)
+    synth.add_argument("--width", type=int, default=512)
+    synth.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def _is_main_rank() -> bool:
+    return os.environ.get("RANK", "0") == "0"
+
+
+def _one_line(err: Exception) -> str:
+    """Errors re-raised from DataLoader workers carry the worker's traceback; users need its last line."""
+    text = str(err).strip()
+    if "Original Traceback" in text:
+        text = text.splitlines()[-1].split(": ", 1)[-1]
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def run_train(args) -> int:
+    return train(load_config(args.config, args.overrides))
+
+
+def run_evaluate(args) -> int:
+    from rich.console import Console
+
+    from cityseg.tracking import iou_table
+
+    metrics = evaluate(load_config(args.config, args.overrides), args.checkpoint, args.split)
+    if _is_main_rank():
+        Console().print(iou_table(metrics, f"{args.checkpoint} on {metrics['split']} ({metrics['images']} images)"))
+        if args.json:
+            clean = json.loads(json.dumps(metrics, default=float).replace("NaN", "null"))
+            Path(args.json).write_text(json.dumps(clean, indent=2))
+    return 0
+
+
+def run_synth(args) -> int:
+    from cityseg.data.synthetic import write_synthetic
+
+    counts = write_synthetic(args.out, n_train=args.train, n_val=args.val, height=args.height, width=args.width,
+                             seed=args.seed, n_test=args.test)
+    print(f"wrote {', '.join(f'{n} {split}' for split, n in counts.items())} images to {args.out}")
+    return 0
+
+
+COMMANDS = {"train": run_train, "evaluate": run_evaluate, "synth": run_synth}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except USER_ERRORS as err:
+        prefix = "" if _is_main_rank() else f"[rank {os.environ.get('RANK')}] "
+        print(f"{prefix}error: {_one_line(err)}", file=sys.stderr)
+        return 2 if isinstance(err, ConfigError) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

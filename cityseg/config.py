@@ -1,0 +1,268 @@
+"""Run configuration: YAML file + dotted key=value overrides → a validated, typed Config."""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A one-line, user-facing problem with a config file or override (the CLI exits 2 on it)."""
+
+
+def _range(low=None, high=None):
+    return {"low": low, "high": high}
+
+
+@dataclass
+class CacheConfig:
+    dir: Optional[str] = None  # decode-once shard cache written by `cityseg prepare`
+    size: Optional[list[int]] = None  # [H, W] stored in the cache; null = data.image_size
+    device_augment: bool = False  # flip / scale / crop / normalize on the device, in batch
+
+
+@dataclass
+class DataConfig:
+    root: str = "data/cityscapes"
+    image_size: list[int] = field(default_factory=lambda: [256, 512])  # [H, W] the network sees
+    label_scheme: Literal["trainid19", "seed20"] = "trainid19"
+    batch_size: int = field(default=32, metadata=_range(1))  # per process
+    val_batch_size: Optional[int] = field(default=None, metadata=_range(1))  # null = batch_size
+    num_workers: int = field(default=4, metadata=_range(0))
+    train_split: str = "train"
+    val_split: str = "val"
+    hflip: bool = True
+    scale_range: list[float] = field(default_factory=lambda: [1.0, 1.0])  # random rescale before crop
+    crop_size: Optional[list[int]] = None  # [H, W] random crop after scaling; null = no crop
+    on_bad_sample: Literal["error", "skip"] = "error"
+    cache: CacheConfig = field(default_factory=CacheConfig)
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "Unet"  # any segmentation_models_pytorch architecture class name
+    encoder: str = "tu-tf_mobilenetv3_small_minimal_100"
+    encoder_weights: Optional[str] = None  # null | imagenet (from the local HF cache) | path to a file
+    sync_bn: bool = False
+
+
+@dataclass
+class LossConfig:
+    name: Literal["dice", "ce", "dice+ce"] = "dice"
+
+
+@dataclass
+class OptimConfig:
+    lr: float = field(default=1e-3, metadata=_range(0.0))
+    weight_decay: float = field(default=0.005, metadata=_range(0.0))
+    schedule: Literal["poly", "constant"] = "poly"
+    poly_power: float = field(default=0.9, metadata=_range(0.0))
+    warmup_steps: int = field(default=0, metadata=_range(0))
+    grad_clip: Optional[float] = field(default=None, metadata=_range(0.0))
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = field(default=10, metadata=_range(1))
+    max_steps: Optional[int] = field(default=None, metadata=_range(1))  # stop early (smoke runs)
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    grad_accum: int = field(default=1, metadata=_range(1))
+    resume: str = "auto"  # auto | none | <checkpoint dir>
+    preempt_signals: list[str] = field(default_factory=lambda: ["SIGUSR1", "SIGTERM"])
+    channels_last: bool = False
+    compile: bool = False
+    log_every: int = field(default=10, metadata=_range(1))
+    eval_every_epochs: int = field(default=1, metadata=_range(1))
+    on_nan: Literal["error", "skip"] = "error"
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = field(default=0, metadata=_range(0))  # 0 = only at the end of each epoch
+    keep_last: int = field(default=2, metadata=_range(1))
+
+
+@dataclass
+class EvalConfig:
+    mode: Literal["resized", "full"] = "resized"
+    sliding: bool = False
+    crop_size: list[int] = field(default_factory=lambda: [512, 1024])  # sliding window [H, W]
+    stride: list[int] = field(default_factory=lambda: [341, 683])
+    flip: bool = False  # average with the horizontally flipped prediction
+
+
+@dataclass
+class DistConfig:
+    timeout_minutes: float = field(default=30.0, metadata=_range(0.1))
+
+
+@dataclass
+class WandbConfig:
+    mode: Literal["auto", "online", "offline", "disabled"] = "auto"
+    project: str = "cityseg"
+    entity: Optional[str] = None
+    group: Optional[str] = None
+    tags: list[str] = field(default_factory=list)
+    run_name: Optional[str] = None
+    num_images: int = field(default=4, metadata=_range(0))  # validation images logged each evaluation
+    log_checkpoints: bool = False  # best checkpoint as an artifact
+
+
+@dataclass
+class TrackingConfig:
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+@dataclass
+class Config:
+    name: str = "cityseg"
+    seed: int = 0
+    output_dir: Optional[str] = None  # null = runs/<name>
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+
+PAIR_KEYS = ("data.image_size", "data.crop_size", "data.cache.size", "data.scale_range", "eval.crop_size", "eval.stride")
+
+
+def _type_name(hint) -> str:
+    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+
+
+def _coerce(key: str, value, hint):
+    """Check value against a type hint; returns the value (int → float widened). Raises ConfigError."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is typing.Union:  # Optional[X]
+        if value is None:
+            return None
+        return _coerce(key, value, next(a for a in args if a is not type(None)))
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, args))}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list of {_type_name(args[0])}, got {value!r}")
+        return [_coerce(f"{key}[{i}]", item, args[0]) for i, item in enumerate(value)]
+    if hint is float and isinstance(value, str):
+        try:  # YAML 1.1 reads 1e-3 (no dot) as a string
+            return float(value)
+        except ValueError:
+            pass
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
+        raise ConfigError(f"{key}: expected {_type_name(hint)}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _build(cls, values: dict, prefix: str):
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in values.items():
+        dotted = f"{prefix}{key}"
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), list(fields), n=1)
+            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else f" (valid: {', '.join(fields)})"
+            raise ConfigError(f"unknown key '{dotted}'{hint}")
+        if dataclasses.is_dataclass(hints[key]):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{dotted}: expected a mapping of keys, got {value!r}")
+            kwargs[key] = _build(hints[key], value, dotted + ".")
+            continue
+        value = _coerce(dotted, value, hints[key])
+        bounds = fields[key].metadata
+        if value is not None and bounds:
+            if bounds["low"] is not None and value < bounds["low"]:
+                raise ConfigError(f"{dotted}: {value} is below the minimum {bounds['low']}")
+            if bounds["high"] is not None and value > bounds["high"]:
+                raise ConfigError(f"{dotted}: {value} is above the maximum {bounds['high']}")
+        if dotted in PAIR_KEYS and value is not None and (len(value) != 2 or min(value) <= 0):
+            raise ConfigError(f"{dotted}: expected two positive numbers [H, W], got {value}")
+        kwargs[key] = value
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict, dotted: str, value) -> None:
+    *parents, leaf = dotted.split(".")
+    for part in parents:
+        node = tree.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {dotted}: '{part}' is not a section")
+        tree = node
+    tree[leaf] = value
+
+
+def parse_override(text: str) -> tuple[str, object]:
+    key, sep, raw = text.partition("=")
+    if not sep or not key or " " in key:
+        raise ConfigError(f"override {text!r}: expected key=value, e.g. train.epochs=2")
+    try:
+        value = yaml.safe_load(raw) if raw != "" else None
+    except yaml.YAMLError:
+        value = raw  # a plain string such as a path with odd characters
+    return key, value
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read ({err.strerror})") from None
+    try:
+        tree = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"{where}: YAML syntax error: {problem}") from None
+    if tree is None:
+        return {}
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: expected a mapping of keys at the top, got {type(tree).__name__}")
+    return tree
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    """Read the YAML (if any), apply key=value overrides, validate, and fill output_dir."""
+    tree = read_yaml(path) if path is not None else {}
+    for text in overrides:
+        _set_dotted(tree, *parse_override(text))
+    try:
+        config = _build(Config, tree, "")
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}" if path is not None else str(err)) from None
+    if config.output_dir is None:
+        config.output_dir = str(Path("runs") / config.name)
+    return config
+
+
+def to_dict(config) -> dict:
+    return dataclasses.asdict(config)
+
+
+def from_dict(tree: dict) -> Config:
+    return _build(Config, tree, "")
+
+
+def save_config(config: Config, path: str | Path) -> None:
+    path = Path(path)
+    tmp = path.with_suffix(".yaml.tmp")
+    tmp.write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+    tmp.replace(path)

@@ -1,0 +1,51 @@
+"""The segmentation network: a segmentation-models-pytorch factory driven by the config."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import segmentation_models_pytorch as smp
+import torch
+from safetensors.torch import load_file
+
+
+class ModelError(ValueError):
+    """A one-line, user-facing problem building or loading the model."""
+
+
+def build_model(model_cfg, num_classes: int) -> torch.nn.Module:
+    """smp.<arch>(encoder, classes); encoder weights from the local cache or a local file, never silently random."""
+    weights = model_cfg.encoder_weights
+    from_file = weights is not None and weights not in ("imagenet",) and (Path(weights).suffix or "/" in weights)
+    try:
+        model = smp.create_model(
+            model_cfg.arch, encoder_name=model_cfg.encoder, encoder_weights=None if from_file else weights,
+            in_channels=3, classes=num_classes,
+        )
+    except KeyError as err:
+        raise ModelError(f"model.arch / model.encoder: {err.args[0] if err.args else err}") from None
+    except (OSError, RuntimeError, ValueError) as err:
+        if weights is None:
+            raise ModelError(f"model: cannot build {model_cfg.arch} with encoder {model_cfg.encoder}: {err}") from None
+        raise ModelError(
+            f"model.encoder_weights: '{weights}' weights for encoder {model_cfg.encoder} are not available offline "
+            f"({type(err).__name__}); download them into the Hugging Face cache on a machine with internet "
+            "(HF_HUB_OFFLINE=1 then finds them), or set model.encoder_weights to a local .safetensors/.pth file, "
+            "or to null for random init") from None
+    if from_file:
+        load_encoder_weights(model, Path(weights))
+    return model
+
+
+def load_encoder_weights(model: torch.nn.Module, path: Path) -> None:
+    if not path.is_file():
+        raise ModelError(f"model.encoder_weights: file {path} not found")
+    try:
+        state = load_file(str(path)) if path.suffix == ".safetensors" else torch.load(path, map_location="cpu",
+                                                                                     weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any decode failure is the file's fault
+        raise ModelError(f"model.encoder_weights: cannot read {path}: {type(err).__name__}: {err}") from None
+    missing, unexpected = model.encoder.load_state_dict(state, strict=False)
+    if missing:
+        raise ModelError(f"model.encoder_weights: {path} lacks {len(missing)} encoder tensors, e.g. {missing[0]}")
+    if unexpected:
+        print(f"note: {path}: {len(unexpected)} tensors not used by the encoder, e.g. {unexpected[0]}")

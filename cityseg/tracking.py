@@ -1,0 +1,76 @@
+"""What a run shows: a rich console (bars on a terminal, plain lines in logs) and the run's JSONL files."""
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+
+def append_jsonl(path: Path, record: dict) -> None:
+    with open(path, "a") as handle:
+        handle.write(json.dumps(record) + "\n")
+
+
+def iou_table(metrics: dict, title: str) -> Table:
+    table = Table(title=title)
+    table.add_column("class")
+    table.add_column("IoU", justify="right")
+    for name, value in metrics["iou"].items():
+        table.add_row(name, "n/a" if math.isnan(value) else f"{value:.4f}")
+    table.add_row("[bold]mIoU", f"[bold]{metrics['mIoU']:.4f}")
+    table.add_row("pixel acc", f"{metrics['pixel_acc']:.4f}")
+    return table
+
+
+class RunConsole:
+    """Main-process output. Other ranks get a silent instance (is_main=False)."""
+
+    def __init__(self, is_main: bool, total_steps: int, log_every: int):
+        self.is_main, self.total_steps, self.log_every = is_main, total_steps, log_every
+        self.console = Console(stderr=False)
+        self.interactive = is_main and sys.stdout.isatty()
+        self.progress = None
+        self.started = time.time()
+
+    def print(self, *args) -> None:
+        if self.is_main:
+            self.console.print(*args, highlight=False)
+
+    def start(self, first_step: int) -> None:
+        if self.interactive:
+            self.progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
+                                     TimeRemainingColumn(), TextColumn("{task.fields[status]}"),
+                                     console=self.console)
+            self.task = self.progress.add_task("train", total=self.total_steps, completed=first_step, status="")
+            self.progress.start()
+
+    def step(self, step: int, epoch: int, loss: float, lr: float, images_per_s: float) -> None:
+        if not self.is_main:
+            return
+        status = f"epoch {epoch} loss {loss:.4f} lr {lr:.2e} {images_per_s:.1f} img/s"
+        if self.progress is not None:
+            self.progress.update(self.task, completed=step, status=status)
+        elif step % self.log_every == 0 or step == self.total_steps:
+            print(f"step {step}/{self.total_steps} {status}", flush=True)
+
+    def evaluation(self, metrics: dict, step: int, epoch: int) -> None:
+        if self.is_main:
+            title = f"validation after epoch {epoch} (step {step})"
+            if self.progress is not None:
+                self.progress.console.print(iou_table(metrics, title))
+            elif sys.stdout.isatty():
+                self.console.print(iou_table(metrics, title))
+            else:
+                print(f"eval step {step} epoch {epoch} mIoU {metrics['mIoU']:.4f} "
+                      f"pixel_acc {metrics['pixel_acc']:.4f}", flush=True)
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
