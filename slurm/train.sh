@@ -25,7 +25,7 @@ say() { echo "cityseg $(date '+%F %T'): $*"; }
 # --signal=B:USR1 reaches only this shell (so do preemption signals). It is passed on with
 # `scancel --signal=USR1 <job>`, which signals the processes of the job steps (the launcher and the
 # training processes on every node) but not this shell. Training processes that are still starting
-# up ignore USR1 until they install their handler, so it is repeated every 10 s until srun ends;
+# up ignore USR1 until they install their handler, so it is repeated every 5 s until srun ends;
 # a repeat only sets the training's stop flag again. Trapped from the first line: bash's default
 # for USR1 is to die, and a signal may come before training has even started.
 srun_pid=
@@ -34,7 +34,7 @@ stop_requested=0
 forward_usr1_until_srun_ends() {
     ( while kill -0 "$srun_pid" 2>/dev/null; do
           scancel --signal=USR1 "$SLURM_JOB_ID" || true
-          sleep 10
+          sleep 5
       done ) &
     forwarder_pid=$!
 }
@@ -98,7 +98,9 @@ fi
 # `trap "" USR1` makes the launcher ignore USR1 (Python's default for it is to die); the training
 # processes inherit the ignore but install their own handler, which replaces it.
 srun --ntasks-per-node=1 --kill-on-bad-exit=1 \
-    bash -c 'trap "" USR1; exec accelerate launch --machine_rank "$SLURM_NODEID" "$@"' launcher \
+    bash -c 'trap "" USR1
+             echo "cityseg: node $SLURMD_NODENAME is machine rank $SLURM_NODEID of $SLURM_NNODES"
+             exec accelerate launch --machine_rank "$SLURM_NODEID" "$@"' launcher \
     "${launch_args[@]}" train.py "$@" &
 srun_pid=$!
 if (( stop_requested )); then forward_usr1_until_srun_ends; fi

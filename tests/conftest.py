@@ -1,0 +1,81 @@
+"""Shared test helpers: real subprocesses of the real CLI, a synthetic Cityscapes tree, free ports."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+PYTHON = sys.executable
+
+
+def child_env(**extra: str) -> dict:
+    """Environment for child processes: this checkout first on the path, CPU gloo, no W&B network, 1 thread."""
+    env = dict(os.environ)
+    env.update(PYTHONPATH=str(REPO), ACCELERATE_USE_CPU="1", WANDB_MODE="offline", WANDB_SILENT="true",
+               OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1")
+    env.pop("WANDB_API_KEY", None)
+    env.update(extra)
+    return env
+
+
+def run(args: list[str], timeout: float = 600, env: dict | None = None, cwd: Path = REPO,
+        **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([str(a) for a in args], cwd=cwd, env=env or child_env(), capture_output=True, text=True,
+                          timeout=timeout, **kwargs)
+
+
+def cityseg(*args, **kwargs) -> subprocess.CompletedProcess:
+    """`python -m cityseg ...` in a child process."""
+    return run([PYTHON, "-m", "cityseg", *args], **kwargs)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def launch_cmd(num_processes: int, *target: str, port: int | None = None) -> list[str]:
+    """`accelerate launch` of N CPU processes over gloo (needs ACCELERATE_USE_CPU=1, set by child_env)."""
+    return [PYTHON, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(num_processes),
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+            "--main_process_port", str(port or free_port()), *target]
+
+
+def tiny_overrides(root: Path, output_dir: Path, **extra) -> list[str]:
+    """A run small enough for 2 CPU cores: 64x128 images, batch 4, no loader workers, W&B off."""
+    values = {"data.root": root, "output_dir": output_dir, "data.image_size": "[64,128]", "data.batch_size": 4,
+              "data.num_workers": 0, "train.epochs": 1, "train.log_every": 1, "tracking.wandb.mode": "disabled",
+              "optim.warmup_steps": 0}
+    values.update({k.replace("__", "."): v for k, v in extra.items()})
+    return [f"{k}={v}" for k, v in values.items()]
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="session")
+def synth_root(tmp_path_factory) -> Path:
+    """16 train / 7 val images of 64x128 in the Cityscapes layout (7 val: uneven shards over 2 ranks)."""
+    from cityseg.data.synthetic import write_synthetic
+
+    root = tmp_path_factory.mktemp("synth")
+    write_synthetic(root, n_train=16, n_val=7, height=64, width=128, seed=0)
+    return root
+
+
+@pytest.fixture(scope="session")
+def trained_run(synth_root, tmp_path_factory) -> Path:
+    """One short single-process training run shared by the evaluation tests (its output_dir)."""
+    out = tmp_path_factory.mktemp("trained") / "run"
+    result = run([PYTHON, "train.py", "--config", "configs/demo.yaml",
+                  *tiny_overrides(synth_root, out, train__epochs=3, loss__name="dice+ce", optim__lr=0.003)])
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
