@@ -76,6 +76,6 @@ def trained_run(synth_root, tmp_path_factory) -> Path:
     """One short single-process training run shared by the evaluation tests (its output_dir)."""
     out = tmp_path_factory.mktemp("trained") / "run"
     result = run([PYTHON, "train.py", "--config", "configs/demo.yaml",
-                  *tiny_overrides(synth_root, out, train__epochs=3, loss__name="dice+ce", optim__lr=0.003)])
+                  *tiny_overrides(synth_root, out, train__epochs=8, loss__name="dice+ce", optim__lr=0.005)])
     assert result.returncode == 0, result.stderr[-3000:]
     return out

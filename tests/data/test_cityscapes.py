@@ -1,0 +1,94 @@
+"""Pair discovery, decoding errors and transforms on a real synthetic tree in the Cityscapes layout."""
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from cityseg.config import load_config
+from cityseg.data.cityscapes import DataError, find_pairs, read_pair
+from cityseg.data.loaders import eval_dataset, train_dataset
+from cityseg.labels import IGNORE_INDEX, label_lut
+
+
+def test_pairs_are_found_sorted_and_matched(synth_root):
+    pairs = find_pairs(synth_root, "train")
+    assert len(pairs) == 16 and pairs == sorted(pairs)
+    for image, label in pairs:
+        assert image.name.endswith("_leftImg8bit.png") and label.name.endswith("_gtFine_labelIds.png")
+        assert image.name[: -len("_leftImg8bit.png")] == label.name[: -len("_gtFine_labelIds.png")]
+        assert image.parent.name == label.parent.name  # same city
+    assert len(find_pairs(synth_root, "val")) == 7
+
+
+def copy_tree(src, tmp_path):
+    root = tmp_path / "cs"
+    shutil.copytree(src, root)
+    return root
+
+
+@pytest.mark.parametrize("breakage, message", [
+    ("no_root", "directory not found; expected the Cityscapes layout"),
+    ("no_gtfine", "gtFine: missing; data.root must hold the Cityscapes layout"),
+    ("no_split", "split 'train' not found"),
+    ("empty_split", "no images in split 'train'"),
+    ("missing_label", "_gtFine_labelIds.png is missing"),
+])
+def test_layout_errors_name_the_path(synth_root, tmp_path, breakage, message):
+    root = copy_tree(synth_root, tmp_path)
+    if breakage == "no_root":
+        root = tmp_path / "nowhere"
+    elif breakage == "no_gtfine":
+        shutil.rmtree(root / "gtFine")
+    elif breakage == "no_split":
+        shutil.rmtree(root / "leftImg8bit" / "train")
+    elif breakage == "empty_split":
+        for image in (root / "leftImg8bit" / "train").rglob("*.png"):
+            image.unlink()
+    elif breakage == "missing_label":
+        next((root / "gtFine" / "train").rglob("*_labelIds.png")).unlink()
+    with pytest.raises(DataError) as err:
+        find_pairs(root, "train")
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_label_ids_go_through_one_lookup_table(synth_root):
+    import cv2
+
+    image_path, label_path = find_pairs(synth_root, "val")[0]
+    raw = cv2.imread(str(label_path), cv2.IMREAD_UNCHANGED)
+    image, label = read_pair(image_path, label_path, label_lut("trainid19"))
+    assert image.shape == (64, 128, 3) and image.dtype == np.uint8
+    np.testing.assert_array_equal(label, label_lut("trainid19")[raw])
+    assert (label[raw == 0] == IGNORE_INDEX).all() and (label[raw == 7] == 0).all()
+
+
+def test_eval_transform_is_deterministic(synth_root):
+    cfg = load_config("configs/demo.yaml", [f"data.root={synth_root}", "data.image_size=[32,64]"])
+    dataset = eval_dataset(cfg)
+    first, second = dataset[3], dataset[3]
+    assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
+    assert first[0].shape == (3, 32, 64) and first[0].dtype == torch.float32
+    full = eval_dataset(cfg, full_resolution=True)[3]
+    assert full[1].shape == (64, 128)
+
+
+def test_train_flip_moves_image_and_mask_together(synth_root):
+    cfg = load_config("configs/demo.yaml", [f"data.root={synth_root}", "data.image_size=[64,128]"])
+    plain = eval_dataset(cfg, split="train")
+    augmented = train_dataset(cfg)
+    flipped_any = kept_any = False
+    for epoch in range(6):
+        augmented.set_epoch(epoch)
+        image, mask, _ = augmented[0]
+        ref_image, ref_mask, _ = plain[0]
+        if torch.equal(mask, ref_mask):
+            kept_any = True
+            assert torch.allclose(image, ref_image, atol=1e-5)
+        else:
+            flipped_any = True
+            assert torch.equal(mask, ref_mask.flip(-1))
+            assert torch.allclose(image, ref_image.flip(-1), atol=1e-5)
+    assert flipped_any and kept_any
+    augmented.set_epoch(2)
+    assert torch.equal(augmented[5][1], augmented[5][1])  # same (seed, epoch, index): same augmentation
