@@ -209,6 +209,7 @@ def train(cfg) -> int:
                 console.print(f"preempted: checkpoint {saved} written at step {step}; exit {EXIT_REQUEUE} (requeue)")
                 if is_main:
                     write_requeue_marker(saved)
+                accelerator.wait_for_everyone()  # no rank exits (and makes srun stop the step) before the marker
                 return EXIT_REQUEUE
             if step >= total_steps:
                 break

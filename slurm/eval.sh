@@ -41,4 +41,9 @@ if (( num_processes > 1 )); then
 fi
 
 echo "cityseg: job $SLURM_JOB_ID evaluating on $(hostname) with $num_processes process(es)"
-srun --ntasks=1 accelerate launch "${launch_args[@]}" -m cityseg evaluate "$@"
+# Since SLURM 22.05 srun no longer inherits --cpus-per-task from sbatch; pass it on for the data loaders.
+srun_args=(--ntasks=1)
+if [[ -n "${SLURM_CPUS_PER_TASK:-}" ]]; then
+    srun_args+=(--cpus-per-task="$SLURM_CPUS_PER_TASK")
+fi
+srun "${srun_args[@]}" accelerate launch "${launch_args[@]}" -m cityseg evaluate "$@"

@@ -97,7 +97,13 @@ fi
 # (expanded here, every node would claim machine rank 0 and the rendezvous would hang).
 # `trap "" USR1` makes the launcher ignore USR1 (Python's default for it is to die); the training
 # processes inherit the ignore but install their own handler, which replaces it.
-srun --ntasks-per-node=1 --kill-on-bad-exit=1 \
+# Since SLURM 22.05 srun no longer inherits --cpus-per-task from sbatch: without it the data loaders
+# of a node would share one core. --kill-on-bad-exit: one node failing stops the others (no hang).
+srun_args=(--ntasks-per-node=1 --kill-on-bad-exit=1)
+if [[ -n "${SLURM_CPUS_PER_TASK:-}" ]]; then
+    srun_args+=(--cpus-per-task="$SLURM_CPUS_PER_TASK")
+fi
+srun "${srun_args[@]}" \
     bash -c 'trap "" USR1
              echo "cityseg: node $SLURMD_NODENAME is machine rank $SLURM_NODEID of $SLURM_NNODES"
              exec accelerate launch --machine_rank "$SLURM_NODEID" "$@"' launcher \
@@ -116,7 +122,11 @@ if [[ -n "$forwarder_pid" ]]; then kill "$forwarder_pid" 2>/dev/null || true; fi
 if [[ -f "$CITYSEG_REQUEUE_FILE" ]]; then
     say "checkpoint $(cat "$CITYSEG_REQUEUE_FILE") complete; requeueing job $SLURM_JOB_ID"
     rm -f "$CITYSEG_REQUEUE_FILE"
-    scontrol requeue "$SLURM_JOB_ID"
+    # Ends this script: SLURM stops the job and queues it again under the same id (SLURM_RESTART_COUNT+1).
+    if ! scontrol requeue "$SLURM_JOB_ID"; then
+        say "scontrol requeue failed; resubmit by hand, training resumes from the checkpoint"
+        exit 1
+    fi
     exit 0
 fi
 say "training ended with exit code $status"

@@ -7,6 +7,7 @@ import re
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import tempfile
 import time
@@ -31,8 +32,8 @@ SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
-# cred_expire=10: a requeued job restarts after ~12 s instead of ~150 s.
-AuthInfo=socket={munge_socket},cred_expire=10
+# cred_expire=5: a requeued job restarts after a few seconds instead of ~150 s.
+AuthInfo=socket={munge_socket},cred_expire=5
 StateSaveLocation={root}/state
 SlurmdSpoolDir={root}/spool/%n
 SlurmctldPidFile={root}/slurmctld.pid
@@ -47,6 +48,8 @@ AccountingStorageType=accounting_storage/none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 SchedulerType=sched/builtin
+# Look at pending jobs every 2 s (default 60): a requeued job starts as soon as it is eligible.
+SchedulerParameters=sched_interval=2
 SlurmdParameters=config_overrides
 MpiDefault=none
 MailProg=/bin/true
@@ -97,7 +100,7 @@ class Cluster:
         for sub in ["state", "spool", "dev"]:
             (self.root / sub).mkdir()
         for i in range(4):
-            os.mknod(self.root / "dev" / f"gpu{i}", 0o666 | 0o020000, os.makedev(1, 3))
+            os.mknod(self.root / "dev" / f"gpu{i}", 0o666 | stat.S_IFCHR, os.makedev(1, 3))
         conf = SLURM_CONF.format(host=host, ctld_port=CTLD_PORT, root=self.root,
                                  munge_socket=munge_dir / "munge.socket",
                                  port_node1=NODES["node1"], port_node2=NODES["node2"])
@@ -116,9 +119,9 @@ class Cluster:
         self._wait_for(self._nodes_idle, "both nodes idle")
 
     def _spawn(self, cmd: list[str], user: str | None = None) -> None:
-        log = open(self.root / f"{Path(cmd[0]).name}-{len(self.procs)}.stdout", "wb")
-        self.procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env,
-                                           user=user, start_new_session=True))
+        with open(self.root / f"{Path(cmd[0]).name}-{len(self.procs)}.stdout", "wb") as log:
+            self.procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env,
+                                               user=user, start_new_session=True))
 
     def _nodes_idle(self) -> bool:
         out = self.scontrol("show", "nodes", "-o", check=False)
@@ -195,3 +198,4 @@ def slurm_cluster():
         yield cluster
     finally:
         cluster.stop()
+        shutil.rmtree(root, ignore_errors=True)
