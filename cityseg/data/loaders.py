@@ -1,0 +1,59 @@
+"""Datasets and DataLoaders from the config: training (sharded by accelerate) and evaluation (sharded by rank)."""
+from __future__ import annotations
+
+import functools
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Subset
+
+from cityseg.data.cityscapes import CityscapesPairs, collate, find_pairs
+from cityseg.data.transforms import eval_transform, train_transform
+from cityseg.labels import label_lut
+
+
+def seed_worker(worker_id: int, rank: int) -> None:
+    """Distinct numpy / random / torch seeds per rank and per worker, for any randomness outside albumentations."""
+    seed = (torch.initial_seed() + rank * 7919) % 2**32
+    np.random.seed(seed)
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def train_dataset(cfg, bad_sample_log: Path | None = None) -> CityscapesPairs:
+    pairs = find_pairs(cfg.data.root, cfg.data.train_split)
+    return CityscapesPairs(pairs, label_lut(cfg.data.label_scheme), train_transform(cfg.data), seed=cfg.seed,
+                           on_bad_sample=cfg.data.on_bad_sample, bad_sample_log=bad_sample_log)
+
+
+def eval_dataset(cfg, split: str | None = None, full_resolution: bool = False) -> CityscapesPairs:
+    """Evaluation samples resized to the training size, or at the labels' own resolution."""
+    pairs = find_pairs(cfg.data.root, split or cfg.data.val_split)
+    size = None if full_resolution else cfg.data.image_size
+    return CityscapesPairs(pairs, label_lut(cfg.data.label_scheme), eval_transform(cfg.data, size), seed=cfg.seed)
+
+
+def train_loader(cfg, dataset, rank: int) -> DataLoader:
+    """Shuffled, last partial batch dropped; accelerate.prepare shards it across ranks (seedable sampler)."""
+    return DataLoader(
+        dataset, batch_size=cfg.data.batch_size, shuffle=True, drop_last=True, collate_fn=collate,
+        num_workers=cfg.data.num_workers, pin_memory=torch.cuda.is_available(),
+        worker_init_fn=functools.partial(seed_worker, rank=rank),
+        prefetch_factor=4 if cfg.data.num_workers > 0 else None,
+    )
+
+
+def rank_shard(num_samples: int, rank: int, world_size: int) -> list[int]:
+    """Every rank-th sample: disjoint across ranks, together exactly the whole set (no padding, no repeats)."""
+    return list(range(rank, num_samples, world_size))
+
+
+def eval_loader(cfg, dataset, rank: int, world_size: int, batch_size: int | None = None) -> DataLoader:
+    """This rank's unique share of an evaluation set; metrics are summed across ranks afterwards."""
+    shard = Subset(dataset, rank_shard(len(dataset), rank, world_size))
+    return DataLoader(
+        shard, batch_size=batch_size or cfg.data.val_batch_size or cfg.data.batch_size, shuffle=False,
+        collate_fn=collate, num_workers=cfg.data.num_workers, pin_memory=torch.cuda.is_available(),
+    )
