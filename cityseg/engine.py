@@ -19,7 +19,7 @@ from cityseg.data.loaders import eval_dataset, eval_loader, train_dataset, train
 from cityseg.labels import class_names
 from cityseg.losses import build_loss
 from cityseg.metrics import new_confusion, summarize, update_confusion
-from cityseg.model import ModelError, build_model
+from cityseg.model import ModelError, average_batchnorm_stats, build_model
 from cityseg.preemption import EXIT_REQUEUE, StopFlag, sum_across_ranks, write_requeue_marker
 from cityseg.tracking import RunConsole, append_jsonl
 
@@ -229,6 +229,7 @@ def train(cfg) -> int:
         if epoch_done:
             state["epoch"], state["batch_in_epoch"] = epoch + 1, 0
         if (epoch_done and state["epoch"] % cfg.train.eval_every_epochs == 0) or state["step"] >= total_steps:
+            average_batchnorm_stats(accelerator.unwrap_model(model), accelerator)  # ranks validate the saved model
             metrics = summarize(evaluate_loader(accelerator.unwrap_model(model), val_loader, accelerator,
                                                 len(names)), names)
             record = {"epoch": state["epoch"], "step": state["step"], **metrics}

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from tests.conftest import PYTHON, launch_cmd, run
+from tests.conftest import PYTHON, free_port, run
 
 pytestmark = pytest.mark.slow
 SCRIPT = "tests/distributed/record_shards.py"
@@ -19,11 +19,13 @@ def interleave(per_rank: list[list[int]], batch_size: int) -> list[int]:
 
 @pytest.fixture(scope="module")
 def shards(synth_root, tmp_path_factory):
-    """What each rank's training loader yielded: 2 ranks under accelerate launch, and 1 plain process."""
+    """What each rank's training loader yielded: 2 ranks under torchrun (the launch mode not used elsewhere in
+    these tests; ACCELERATE_USE_CPU=1 from child_env), and 1 plain process."""
     out = tmp_path_factory.mktemp("shards")
     args = ["--config", "configs/demo.yaml", "--epochs", "2", f"data.root={synth_root}", "data.image_size=[64,128]",
             "data.batch_size=4", "data.num_workers=0", "seed=3"]
-    for name, command in (("two", launch_cmd(2, SCRIPT, "--out", out / "two", *args)),
+    torchrun = [PYTHON, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port())]
+    for name, command in (("two", [*torchrun, SCRIPT, "--out", out / "two", *args]),
                           ("one", [PYTHON, SCRIPT, "--out", out / "one", *args])):
         result = run(command)
         assert result.returncode == 0, result.stderr[-4000:]
