@@ -1,4 +1,4 @@
-"""Test helper run under torchrun / accelerate launch (or plain python): what each rank's training loader yields, as JSON.
+"""Test helper run under torchrun / accelerate launch (or python): what each rank's training loader yields, as JSON.
 
 It builds the loader exactly as cityseg.engine.train does (make_accelerator, set_seed, train_loader, prepare,
 set_epoch) and writes <out>/rank<R>.json with, per batch size and epoch, the sample indices in the order this rank

@@ -6,7 +6,6 @@ import math
 import subprocess
 
 import pytest
-import torch
 
 from tests.conftest import (PYTHON, REPO, child_env, cityseg, free_port, launch_cmd, read_jsonl, run,
                             tiny_overrides)
