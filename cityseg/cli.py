@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         return COMMANDS[args.command](args)
     except USER_ERRORS as err:
         prefix = "" if _is_main_rank() else f"[rank {os.environ.get('RANK')}] "
-        print(f"{prefix}error: {_one_line(err)}", file=sys.stderr)
+        sys.stderr.write(f"{prefix}error: {_one_line(err)}\n")  # one write: ranks sharing a pipe do not interleave
         return 2 if isinstance(err, ConfigError) else 1
 
 

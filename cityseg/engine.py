@@ -19,7 +19,7 @@ from cityseg.data.loaders import eval_dataset, eval_loader, train_dataset, train
 from cityseg.labels import class_names
 from cityseg.losses import build_loss
 from cityseg.metrics import new_confusion, summarize, update_confusion
-from cityseg.model import ModelError, build_model
+from cityseg.model import ModelError, average_batchnorm_stats, build_model
 from cityseg.preemption import EXIT_REQUEUE, StopFlag, sum_across_ranks, write_requeue_marker
 from cityseg.tracking import RunConsole, append_jsonl
 
@@ -35,13 +35,18 @@ def make_accelerator(cfg) -> Accelerator:
     accelerator = Accelerator(
         mixed_precision=cfg.train.mixed_precision,
         gradient_accumulation_steps=cfg.train.grad_accum,
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),  # replayable shuffles
+        # shuffle of epoch e = permutation seeded by (seed + e): the same on every rank, for any world size, replayable
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed),
         kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(minutes=cfg.dist.timeout_minutes))],
     )
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched > 1 and accelerator.num_processes == 1:
-        raise ConfigError(f"the launcher started {launched} processes but each one runs alone (no GPUs for "
-                          "--multi_gpu): set ACCELERATE_USE_CPU=1 to train on CPU processes over gloo")
+        raise ConfigError(f"the launcher started {launched} processes but accelerate found no GPU, so each would "
+                          "train alone on all the data: set ACCELERATE_USE_CPU=1 to train on CPU processes over gloo")
+    launcher_precision = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    if launcher_precision not in ("no", cfg.train.mixed_precision) and accelerator.is_main_process:
+        print(f"warning: the launcher's mixed precision '{launcher_precision}' is ignored; the config's "
+              f"train.mixed_precision '{cfg.train.mixed_precision}' applies", file=sys.stderr)
     return accelerator
 
 
@@ -139,7 +144,8 @@ def train(cfg) -> int:
     val_loader = eval_loader(cfg, val_set, accelerator.process_index, world)
     loss_fn = build_loss(cfg.loss.name)
 
-    steps_per_epoch = len(loader) // cfg.train.grad_accum  # optimizer steps; len(loader) is per rank
+    # optimizer steps; len(loader) is per rank and accelerate also steps on an epoch's last, shorter window
+    steps_per_epoch = math.ceil(len(loader) / cfg.train.grad_accum)
     total_steps = cfg.train.epochs * steps_per_epoch
     if cfg.train.max_steps is not None:
         total_steps = min(total_steps, cfg.train.max_steps)
@@ -168,6 +174,7 @@ def train(cfg) -> int:
         batches = accelerator.skip_first_batches(loader, skip) if skip else loader
         model.train()
         tick, images_seen = time.perf_counter(), 0
+        window_loss, window_batches = 0.0, 0  # the logged loss: mean over ranks and the accumulation window
         for images, masks, _ in batches:
             if cfg.train.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
@@ -184,6 +191,7 @@ def train(cfg) -> int:
                     state["nan_skipped"] += 1
                     optimizer.zero_grad(set_to_none=True)
                 else:
+                    window_loss, window_batches = window_loss + loss_sum, window_batches + 1
                     accelerator.backward(loss)
                     if accelerator.sync_gradients and cfg.optim.grad_clip:
                         accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
@@ -198,11 +206,13 @@ def train(cfg) -> int:
             state["step"] += 1
             step = state["step"]
             elapsed = time.perf_counter() - tick
-            record = {"step": step, "epoch": epoch, "loss": loss_sum / world,
+            mean_loss = window_loss / (world * window_batches) if window_batches else math.nan
+            record = {"step": step, "epoch": epoch, "loss": mean_loss,
                       "lr": optimizer.param_groups[0]["lr"], "images_per_s": images_seen / max(elapsed, 1e-9)}
             if is_main and (step % cfg.train.log_every == 0 or step == total_steps):
                 append_jsonl(train_log, record)
             console.step(step, epoch, record["loss"], record["lr"], record["images_per_s"])
+            window_loss, window_batches = 0.0, 0
             if stop_count:
                 saved = checkpoint.save(accelerator, output_dir, state, cfg.checkpoint.keep_last)
                 console.close()
@@ -220,6 +230,7 @@ def train(cfg) -> int:
         if epoch_done:
             state["epoch"], state["batch_in_epoch"] = epoch + 1, 0
         if (epoch_done and state["epoch"] % cfg.train.eval_every_epochs == 0) or state["step"] >= total_steps:
+            average_batchnorm_stats(accelerator.unwrap_model(model), accelerator)  # ranks validate the saved model
             metrics = summarize(evaluate_loader(accelerator.unwrap_model(model), val_loader, accelerator,
                                                 len(names)), names)
             record = {"epoch": state["epoch"], "step": state["step"], **metrics}

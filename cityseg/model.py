@@ -49,3 +49,22 @@ def load_encoder_weights(model: torch.nn.Module, path: Path) -> None:
         raise ModelError(f"model.encoder_weights: {path} lacks {len(missing)} encoder tensors, e.g. {missing[0]}")
     if unexpected:
         print(f"note: {path}: {len(unexpected)} tensors not used by the encoder, e.g. {unexpected[0]}")
+
+
+def average_batchnorm_stats(model: torch.nn.Module, accelerator) -> None:
+    """Every rank's BatchNorm running mean / var become their mean over ranks (one all-reduce), as timm does.
+
+    DDP normalizes each rank's batch with its own statistics and only broadcasts rank 0's buffers at the next
+    training forward: without this, each rank would validate its shard with other statistics than the weights
+    that are saved, and the all-reduced metrics would match no single model.
+    """
+    if accelerator.num_processes == 1:
+        return
+    buffers = [buffer for module in model.modules()
+               if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and module.track_running_stats
+               for buffer in (module.running_mean, module.running_var)]
+    if not buffers:
+        return
+    averaged = accelerator.reduce(torch.cat([buffer.flatten() for buffer in buffers]), reduction="mean")
+    for buffer, values in zip(buffers, averaged.split([buffer.numel() for buffer in buffers])):
+        buffer.copy_(values.view_as(buffer))

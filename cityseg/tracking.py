@@ -40,7 +40,7 @@ class RunConsole:
 
     def print(self, *args) -> None:
         if self.is_main:
-            self.console.print(*args, highlight=False, soft_wrap=True)
+            self.console.print(*args, highlight=False, soft_wrap=True)  # log lines stay whole (greppable)
 
     def start(self, first_step: int) -> None:
         if self.interactive:

@@ -1,0 +1,89 @@
+"""Launch traps, the collective timeout and mixed precision on CPU, in real processes."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from tests.conftest import child_env, cityseg, launch_cmd, read_jsonl, run, tiny_overrides
+
+CONFIG = ["--config", "configs/demo.yaml"]
+
+
+@pytest.fixture
+def accelerator_factory():
+    """make_accelerator in this process; accelerate's process-wide state is reset afterwards."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    from cityseg.engine import make_accelerator
+
+    yield make_accelerator
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+def test_bf16_on_cpu_runs_the_layers_in_bf16(accelerator_factory):
+    """The model as train() prepares and calls it: every conv / BN / activation output inside autocast is bf16."""
+    from cityseg.config import load_config
+    from cityseg.model import build_model
+
+    cfg = load_config("configs/demo.yaml", ["train.mixed_precision=bf16"])
+    accelerator = accelerator_factory(cfg)
+    assert accelerator.device.type == "cpu"
+    model = accelerator.prepare(build_model(cfg.model, 19))
+    dtypes = {}
+    for module in model.modules():
+        if isinstance(module, (torch.nn.Conv2d, torch.nn.BatchNorm2d, torch.nn.ReLU, torch.nn.Hardswish)):
+            module.register_forward_hook(lambda m, _, out: dtypes.setdefault(type(m).__name__, set()).add(out.dtype))
+    with accelerator.autocast():
+        logits = model(torch.randn(2, 3, 64, 128))
+    assert {"Conv2d", "BatchNorm2d"} <= set(dtypes)
+    assert all(seen == {torch.bfloat16} for seen in dtypes.values()), dtypes
+    assert logits.dtype == torch.float32  # accelerate hands the loss fp32 logits
+
+
+@pytest.mark.slow
+def test_bf16_training_with_a_short_last_accumulation_window(synth_root, tmp_path):
+    """4 batches per epoch, grad_accum 3: 2 optimizer steps per epoch (3 + 1 batches), both epochs trained."""
+    out = tmp_path / "run"
+    result = cityseg("train", *CONFIG, *tiny_overrides(synth_root, out, train__epochs=2, train__grad_accum=3,
+                                                       train__mixed_precision="bf16", train__channels_last="true"))
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "mixed precision bf16; global batch = 4 per process x 1 processes x 3 accumulation = 12" in result.stdout
+    steps = read_jsonl(out / "train_log.jsonl")
+    assert [(r["step"], r["epoch"]) for r in steps] == [(1, 0), (2, 0), (3, 1), (4, 1)]
+    assert all(math.isfinite(r["loss"]) for r in steps)
+    assert [(m["epoch"], m["step"]) for m in read_jsonl(out / "metrics.jsonl")] == [(1, 2), (2, 4)]
+
+
+def test_fp16_on_cpu_is_refused_in_one_line(synth_root, tmp_path):
+    result = cityseg("train", *CONFIG, *tiny_overrides(synth_root, tmp_path / "run", train__mixed_precision="fp16"))
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "error: train.mixed_precision: fp16 needs a CUDA GPU (accelerate would silently run fp32 on the CPU); "
+        "use bf16 on the CPU"]
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_multi_gpu_launch_without_gpus_is_stopped(synth_root, tmp_path):
+    """`--multi_gpu` on a machine without GPUs and without ACCELERATE_USE_CPU=1: each process would train alone."""
+    env = child_env()
+    env.pop("ACCELERATE_USE_CPU")
+    result = run(launch_cmd(2, "train.py", *CONFIG, *tiny_overrides(synth_root, tmp_path / "run")), env=env)
+    assert result.returncode != 0
+    message = ("error: the launcher started 2 processes but accelerate found no GPU, so each would train alone on "
+               "all the data: set ACCELERATE_USE_CPU=1 to train on CPU processes over gloo")
+    assert message in result.stderr.splitlines(), result.stderr[-3000:]  # rank 0's line; rank 1's is prefixed
+    assert "cityseg/engine.py" not in result.stderr  # no traceback of ours (the launcher prints its own summary)
+    assert not (tmp_path / "run" / "train_log.jsonl").exists()
+
+
+@pytest.mark.slow
+def test_a_stalled_rank_fails_the_collective_after_dist_timeout_minutes():
+    """dist.timeout_minutes=0.1 reaches the process group: gloo gives up after 6000 ms, not the 30-minute default."""
+    result = run(launch_cmd(2, "tests/distributed/stall_rank.py", "dist.timeout_minutes=0.1"))
+    assert result.returncode != 0
+    assert "collective failed:" in result.stdout, result.stdout + result.stderr[-3000:]
+    assert "6000ms" in result.stdout, result.stdout
