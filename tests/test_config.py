@@ -2,7 +2,7 @@
 import pytest
 
 from cityseg.config import ConfigError, load_config
-from conftest import cityseg
+from tests.conftest import cityseg
 
 
 def test_overrides_apply_and_types_are_checked(tmp_path):

@@ -4,7 +4,7 @@ import json
 import pytest
 from safetensors.torch import load_file
 
-from conftest import cityseg, read_jsonl
+from tests.conftest import cityseg, read_jsonl
 
 
 def test_training_learns_and_writes_the_run_directory(trained_run):

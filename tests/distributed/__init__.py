@@ -1,0 +1,1 @@
+"""Test package (so conftest helpers import as tests.conftest, once)."""
