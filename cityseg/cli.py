@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from cityseg.checkpoint import CheckpointError
+from cityseg.checkpoint import CheckpointError, export
 from cityseg.config import ConfigError, load_config
 from cityseg.data.cityscapes import DataError
 from cityseg.engine import TrainingError, evaluate, train
@@ -31,6 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--checkpoint", required=True, help="model.safetensors or a checkpoint directory")
     evaluate.add_argument("--split", default=None, help="dataset split (default: data.val_split)")
     evaluate.add_argument("--json", default=None, help="also write the metrics to this JSON file")
+    export = commands.add_parser("export", help="model.safetensors + config.yaml from any training checkpoint")
+    export.add_argument("--checkpoint", required=True, help="a checkpoint directory, e.g. runs/x/checkpoints/step_00001000")
+    export.add_argument("--output", default=None, help="where to write (default: <run>/export/<checkpoint name>)")
     synth = commands.add_parser("synth", help="write a synthetic dataset in the Cityscapes layout")
     synth.add_argument("--out", required=True)
     synth.add_argument("--train", type=int, default=24)
@@ -72,6 +75,15 @@ def run_evaluate(args) -> int:
     return 0
 
 
+def run_export(args) -> int:
+    step_path = Path(args.checkpoint)
+    out_dir = Path(args.output) if args.output else step_path.parent.parent / "export" / step_path.name
+    target = export(step_path, out_dir)
+    print(f"wrote {target} and {out_dir / 'config.yaml'}; evaluate with: cityseg evaluate --config "
+          f"{out_dir / 'config.yaml'} --checkpoint {target}")
+    return 0
+
+
 def run_synth(args) -> int:
     from cityseg.data.synthetic import write_synthetic
 
@@ -81,7 +93,7 @@ def run_synth(args) -> int:
     return 0
 
 
-COMMANDS = {"train": run_train, "evaluate": run_evaluate, "synth": run_synth}
+COMMANDS = {"train": run_train, "evaluate": run_evaluate, "export": run_export, "synth": run_synth}
 
 
 def main(argv: list[str] | None = None) -> int:

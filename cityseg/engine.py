@@ -21,7 +21,7 @@ from cityseg.losses import build_loss
 from cityseg.metrics import new_confusion, summarize, update_confusion
 from cityseg.model import ModelError, average_batchnorm_stats, build_model
 from cityseg.preemption import EXIT_REQUEUE, StopFlag, sum_across_ranks, write_requeue_marker
-from cityseg.tracking import RunConsole, append_jsonl
+from cityseg.tracking import RunConsole, append_jsonl, rewind_jsonl
 
 
 class TrainingError(RuntimeError):
@@ -58,7 +58,7 @@ def load_weights(model: torch.nn.Module, path: str | Path) -> None:
     if not path.is_file():
         raise ModelError(f"{path}: checkpoint not found")
     try:
-        state = load_file(str(path))
+        state = checkpoint.clean_state_dict(load_file(str(path)))
     except Exception as err:  # noqa: BLE001 - a partial or foreign file
         raise ModelError(f"{path}: not a readable safetensors checkpoint ({err})") from None
     own = model.state_dict()
@@ -158,8 +158,16 @@ def train(cfg) -> int:
     state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "best_mIoU": None, "best_step": None, "nan_skipped": 0}
     start_from = resume_point(cfg, output_dir, console.print)
     if start_from is not None:
-        accelerator.load_state(str(start_from))
+        try:
+            accelerator.load_state(str(start_from))
+        except Exception as err:  # noqa: BLE001 - name the checkpoint instead of a deep accelerate traceback
+            raise checkpoint.CheckpointError(f"{start_from}: cannot be loaded into this run's model/optimizer "
+                                             f"({type(err).__name__}: {str(err).splitlines()[0][:300]})") from None
         state.update(checkpoint.read_trainer_state(start_from))
+        state.pop("files", None)
+        if is_main:
+            for log in ("train_log.jsonl", "metrics.jsonl"):
+                rewind_jsonl(output_dir / log, state["step"])
 
     stop = StopFlag()
     stop.install(cfg.train.preempt_signals)
@@ -213,6 +221,8 @@ def train(cfg) -> int:
                 append_jsonl(train_log, record)
             console.step(step, epoch, record["loss"], record["lr"], record["images_per_s"])
             window_loss, window_batches = 0.0, 0
+            if step >= total_steps:
+                break  # the last step: finish normally (evaluate, save) even if a stop was asked for
             if stop_count:
                 saved = checkpoint.save(accelerator, output_dir, state, cfg.checkpoint.keep_last)
                 console.close()
@@ -221,9 +231,8 @@ def train(cfg) -> int:
                     write_requeue_marker(saved)
                 accelerator.wait_for_everyone()  # no rank exits (and makes srun stop the step) before the marker
                 return EXIT_REQUEUE
-            if step >= total_steps:
-                break
-            if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0:
+            ends_epoch = state["batch_in_epoch"] >= len(loader)  # the epoch-end save (after validation) follows
+            if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0 and not ends_epoch:
                 last_saved_step = step
                 checkpoint.save(accelerator, output_dir, state, cfg.checkpoint.keep_last)
         epoch_done = state["batch_in_epoch"] >= len(loader)

@@ -17,6 +17,16 @@ def append_jsonl(path: Path, record: dict) -> None:
         handle.write(json.dumps(record) + "\n")
 
 
+def rewind_jsonl(path: Path, last_step: int) -> None:
+    """After a resume from `last_step`, drop records a killed run wrote past it: they will be written again."""
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= last_step]
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(f"{line}\n" for line in kept))
+    tmp.replace(path)
+
+
 def iou_table(metrics: dict, title: str) -> Table:
     table = Table(title=title)
     table.add_column("class")
