@@ -11,6 +11,7 @@ def window_starts(length: int, crop: int, stride: int) -> list[int]:
     """Window offsets along one axis: every `stride`, plus one flush with the end so the last pixels are covered."""
     if length <= crop:
         return [0]
+    stride = min(stride, crop)  # a stride longer than the window would skip the pixels between windows
     starts = list(range(0, length - crop + 1, stride))
     if starts[-1] != length - crop:
         starts.append(length - crop)
