@@ -46,7 +46,7 @@ def benchmark_tables(metrics: dict) -> list[Table]:
             table.add_column("iIoU", justify="right")
         for name, value in metrics[iou_key].items():
             table.add_row(name, _score(value), *([_score(instance.get(name))] if instance is not None else []))
-        table.add_row("[bold]mean", f"[bold]{_score(metrics[mean_key])}",
+        table.add_row(f"[bold]{'mIoU' if level == 'class' else 'mean'}", f"[bold]{_score(metrics[mean_key])}",
                       *([f"[bold]{_score(metrics[imean_key])}"] if instance is not None else []))
         if level == "class":
             table.add_row("pixel acc", _score(metrics["pixel_acc"]), *([""] if instance is not None else []))
