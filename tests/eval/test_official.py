@@ -99,17 +99,6 @@ def test_two_processes_give_the_same_full_resolution_metrics(full_metrics, synth
         assert close(two["iiou"][name], value, 1e-12), name  # float sums in another order
 
 
-def test_resized_mode_is_what_training_reports(synth_root, trained_run, tmp_path):
-    out = tmp_path / "resized.json"
-    result = cityseg("evaluate", "--config", trained_run / "config.yaml", "--checkpoint", trained_run,
-                     f"data.root={synth_root}", "--json", out)
-    assert result.returncode == 0, result.stderr[-3000:]
-    resized = json.loads(out.read_text())
-    last = json.loads((trained_run / "metrics.jsonl").read_text().splitlines()[-1])
-    assert resized["mode"] == "resized" and "iiou" not in resized
-    assert resized["mIoU"] == pytest.approx(last["mIoU"], abs=1e-12)
-
-
 def perturbed_predictions(synth_root: Path, out: Path) -> None:
     """Ground truth with a fifth of the pixels changed to random ids, void ones (0, 4, 5) among them."""
     rng = np.random.default_rng(0)
