@@ -1,4 +1,4 @@
-"""The training and evaluation loops on accelerate: one flat loop from batch to optimizer.step()."""
+"""The training loop on accelerate: one flat loop from batch to optimizer.step(), validation at the training size."""
 from __future__ import annotations
 
 import math
@@ -263,15 +263,3 @@ def train(cfg) -> int:
     accelerator.end_training()
     return 0
 
-
-def evaluate(cfg, weights: str | Path, split: str | None = None) -> dict:
-    """Metrics of saved weights on a split, sharded over the launched processes, at the training size."""
-    accelerator = make_accelerator(cfg)
-    names = class_names(cfg.data.label_scheme)
-    dataset = eval_dataset(cfg, split)
-    model = build_model(cfg.model, len(names))
-    load_weights(model, weights)
-    model.to(accelerator.device)
-    loader = eval_loader(cfg, dataset, accelerator.process_index, accelerator.num_processes)
-    confusion = evaluate_loader(model, loader, accelerator, len(names))
-    return {"split": split or cfg.data.val_split, "images": len(dataset), **summarize(confusion, names)}
