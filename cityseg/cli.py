@@ -1,4 +1,4 @@
-"""The `cityseg` command: train, evaluate, synth — argument parsing and one-line errors, nothing more."""
+"""The `cityseg` command: train, evaluate, synth, export — argument parsing and one-line errors, nothing more."""
 from __future__ import annotations
 
 import argparse
@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from cityseg.checkpoint import CheckpointError
+from cityseg.checkpoint import CheckpointError, export
 from cityseg.config import ConfigError, load_config
 from cityseg.data.cityscapes import DataError
 from cityseg.engine import TrainingError, evaluate, train
@@ -31,6 +31,11 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--checkpoint", required=True, help="model.safetensors or a checkpoint directory")
     evaluate.add_argument("--split", default=None, help="dataset split (default: data.val_split)")
     evaluate.add_argument("--json", default=None, help="also write the metrics to this JSON file")
+    exporter = commands.add_parser("export", help="model.safetensors + config.yaml from a checkpoint directory")
+    exporter.add_argument("--checkpoint", required=True, help="<output_dir>/checkpoints/step_<N> or .../best")
+    exporter.add_argument("--out", default=None, help="directory to write to (default: the checkpoint's run "
+                          "directory, i.e. <output_dir>)")
+    exporter.add_argument("--force", action="store_true", help="replace an existing model.safetensors")
     synth = commands.add_parser("synth", help="write a synthetic dataset in the Cityscapes layout")
     synth.add_argument("--out", required=True)
     synth.add_argument("--train", type=int, default=24)
@@ -72,6 +77,19 @@ def run_evaluate(args) -> int:
     return 0
 
 
+def run_export(args) -> int:
+    source = Path(args.checkpoint)
+    if not source.is_dir():
+        raise CheckpointError(f"{source}: checkpoint directory not found")
+    run_dir = source.resolve().parent
+    if args.out is None and run_dir.name != "checkpoints":
+        raise CheckpointError(f"{source}: not inside <output_dir>/checkpoints/; say where to write with --out")
+    out = Path(args.out) if args.out else run_dir.parent
+    written = export(source, out, overwrite=args.force)
+    print(f"exported {source} -> {written} and {written.with_name('config.yaml')}")
+    return 0
+
+
 def run_synth(args) -> int:
     from cityseg.data.synthetic import write_synthetic
 
@@ -81,7 +99,7 @@ def run_synth(args) -> int:
     return 0
 
 
-COMMANDS = {"train": run_train, "evaluate": run_evaluate, "synth": run_synth}
+COMMANDS = {"train": run_train, "evaluate": run_evaluate, "export": run_export, "synth": run_synth}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,27 +7,32 @@ from pathlib import Path
 
 import torch
 
+from cityseg.config import ConfigError
+
 EXIT_REQUEUE = 75  # "checkpointed, please requeue" (EX_TEMPFAIL); slurm/train.sh also reads CITYSEG_REQUEUE_FILE
 REQUEUE_FILE_ENV = "CITYSEG_REQUEUE_FILE"
 
 
 class StopFlag:
-    """Set by a signal handler in this process; `agreed` makes every rank see the same answer at the same step."""
+    """Set by a signal handler in this process; sum_across_ranks makes every rank see it at the same step."""
 
     def __init__(self):
         self.received: str | None = None
+        self.owner = os.getpid()
 
     def install(self, signal_names: list[str]) -> None:
         for name in signal_names:
-            try:
-                signum = getattr(signal, name)
-            except AttributeError:
-                raise ValueError(f"train.preempt_signals: unknown signal {name!r}") from None
+            signum = getattr(signal, name, None)
+            if not isinstance(signum, signal.Signals) or signum in (signal.SIGKILL, signal.SIGSTOP):
+                raise ConfigError(f"train.preempt_signals: {name!r} is not a signal a process can catch "
+                                  "(e.g. SIGUSR1, SIGTERM)")
             signal.signal(signum, self._handle)
 
     def _handle(self, signum, frame) -> None:
-        self.received = signal.Signals(signum).name
-
+        # DataLoader workers are forked after install and inherit this handler: there it does nothing, so a
+        # signal sent to every process of the job (scancel --signal) neither kills a worker nor reaches the loop
+        if os.getpid() == self.owner:
+            self.received = signal.Signals(signum).name
 
 
 def sum_across_ranks(accelerator, values: list) -> list[float]:
@@ -43,5 +48,8 @@ def write_requeue_marker(checkpoint: Path) -> None:
     """Tell a batch script (which cannot see our exit code through `accelerate launch`) to requeue."""
     marker = os.environ.get(REQUEUE_FILE_ENV)
     if marker:
-        Path(marker).parent.mkdir(parents=True, exist_ok=True)
-        Path(marker).write_text(f"{checkpoint}\n")
+        marker = Path(marker)
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        staging = marker.with_name(f".{marker.name}.tmp")
+        staging.write_text(f"{checkpoint}\n")
+        staging.replace(marker)  # appears whole: the script may read the checkpoint path from it

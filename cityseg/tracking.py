@@ -17,6 +17,22 @@ def append_jsonl(path: Path, record: dict) -> None:
         handle.write(json.dumps(record) + "\n")
 
 
+def drop_records_after(path: Path, step: int) -> None:
+    """Remove records past `step` (and a line torn by a kill): a resumed run writes them again from there."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError):
+            continue
+    staging = path.with_name(f".{path.name}.tmp")
+    staging.write_text("".join(f"{line}\n" for line in kept))
+    staging.replace(path)
+
+
 def iou_table(metrics: dict, title: str) -> Table:
     table = Table(title=title)
     table.add_column("class")
