@@ -101,6 +101,11 @@ def resume_point(cfg, output_dir: Path, accelerator, say) -> Path | None:
     """The checkpoint to continue from; for `auto` the main process picks and tells the others, so ranks never
     load different ones (on a shared filesystem a fresh save may become visible to them at different times)."""
     if cfg.train.resume == "none":
+        existing = checkpoint.complete_checkpoints(output_dir)
+        if existing:  # a later resume=auto would pick the old run's newest checkpoint: never mix two runs
+            raise checkpoint.CheckpointError(
+                f"{output_dir}: holds checkpoints of an earlier run (newest {existing[-1].name}); with "
+                "train.resume=none use a new output_dir, or train.resume=auto to continue that run")
         return None
     if cfg.train.resume != "auto":
         path = Path(cfg.train.resume)
@@ -173,9 +178,9 @@ def train(cfg) -> int:
         saved = checkpoint.read_trainer_state(start_from)
         state.update(checkpoint.adapt_position(saved, start_from, shape, steps_per_epoch, console.print))
         accelerator.load_state(str(start_from))  # weights, optimizer, scaler, RNG (torch.load weights_only=True)
-        if is_main:  # records past the checkpoint are written again by this run
-            for log in (output_dir / "train_log.jsonl", output_dir / "metrics.jsonl"):
-                drop_records_after(log, state["step"])
+    if is_main:  # records past the starting step (from a killed attempt) are written again by this run
+        for log in (output_dir / "train_log.jsonl", output_dir / "metrics.jsonl"):
+            drop_records_after(log, state["step"])
 
     console.start(state["step"])
     train_log = output_dir / "train_log.jsonl"
