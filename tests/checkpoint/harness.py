@@ -30,7 +30,8 @@ def train(root: Path, out: Path, processes: int = 1, env: dict | None = None, ti
 
 
 def start(root: Path, out: Path, processes: int = 1, env: dict | None = None, **overrides) -> subprocess.Popen:
-    """Start a training in its own session: its process group is the job (launcher, ranks, loader workers)."""
+    """Start a training in its own session. For 1 process its process group is the whole job (the trainer and its
+    loader workers); for more, torch elastic puts each rank in a session of its own: reach them with rank_pids()."""
     return subprocess.Popen(train_command(root, out, processes, **overrides), cwd=REPO, env=env or child_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
 
@@ -73,31 +74,40 @@ def trainer_state(checkpoint_dir: Path) -> dict:
     return json.loads((checkpoint_dir / "trainer_state.json").read_text())
 
 
-def group_pids(pgid: int) -> list[int]:
-    """Live processes of a process group, from /proc."""
+def _stat(pid: int) -> list[str]:
+    """/proc/<pid>/stat fields after the command name: state, ppid, pgrp, ..."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+
+def _live_pids(field: int, value: int) -> list[int]:
     pids = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+                fields = _stat(int(entry.name))
             except OSError:
                 continue
-            if int(fields[2]) == pgid and fields[0] != "Z":
+            if int(fields[field]) == value and fields[0] != "Z":
                 pids.append(int(entry.name))
     return sorted(pids)
 
 
+def group_pids(pgid: int) -> list[int]:
+    """Live processes of a process group (a training started by start(): the process and its loader workers)."""
+    return _live_pids(2, pgid)
+
+
 def rank_pids(launcher_pid: int) -> dict[int, int]:
-    """{rank: pid} of the training processes `accelerate launch` started (its children; RANK from /proc)."""
+    """{rank: pid} of the training processes `accelerate launch` started: its children (torch elastic puts each in
+    a session of its own, so they are not in the launcher's process group), RANK read from their environment."""
     ranks = {}
-    for pid in group_pids(launcher_pid):
+    for pid in _live_pids(1, launcher_pid):
         try:
-            parent = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
             environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
         except OSError:
             continue
         rank = [item[5:] for item in environ if item.startswith(b"RANK=")]
-        if parent == launcher_pid and rank:
+        if rank:
             ranks[int(rank[0])] = pid
     return ranks
 
