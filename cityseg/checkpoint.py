@@ -5,14 +5,15 @@ import json
 import os
 import re
 import shutil
+import zipfile
 from pathlib import Path
 
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
-TRAINER_STATE = "trainer_state.json"  # written last: its presence marks a complete checkpoint
+TRAINER_STATE = "trainer_state.json"  # step, epoch, batch position, best, run shape, sizes of the files written
 MODEL_FILE = "model.safetensors"
+CONFIG_FILE = "config.yaml"  # the run's resolved config, copied into each checkpoint: export needs nothing else
 
 
 class CheckpointError(ValueError):
@@ -23,15 +24,24 @@ def step_dir(output_dir: str | Path, step: int) -> Path:
     return Path(output_dir) / "checkpoints" / f"step_{step:08d}"
 
 
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make the directory's entries (new files, a rename into it) durable."""
+    handle = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(handle)
+    finally:
+        os.close(handle)
+
+
 def _fsync_tree(path: Path) -> None:
     for file in sorted(p for p in path.rglob("*") if p.is_file()):
-        with open(file, "rb") as handle:
-            os.fsync(handle.fileno())
-    directory = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
+        _fsync_file(file)
+    _fsync_dir(path)
 
 
 def write_json_atomic(path: Path, payload: dict) -> None:
@@ -51,14 +61,25 @@ def save(accelerator, output_dir: str | Path, trainer_state: dict, keep_last: in
         shutil.rmtree(tmp)  # left by a run killed mid-save
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))  # all ranks: the main one writes model/optimizer/..., each its RNG state
+    _fsync_file(tmp / f"random_states_{accelerator.process_index}.pkl")  # on the rank (node) that wrote it
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        files = {str(f.relative_to(tmp)): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()}
+        run_config = Path(output_dir) / CONFIG_FILE
+        if run_config.is_file():
+            shutil.copyfile(run_config, tmp / CONFIG_FILE)
+        # sizes of everything written: verify() tells a complete checkpoint from one truncated later
+        files = {file.name: file.stat().st_size for file in sorted(tmp.iterdir()) if file.is_file()}
         write_json_atomic(tmp / TRAINER_STATE, {**trainer_state, "files": files})
         _fsync_tree(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
+        if final.exists():  # this step saved again (after its epoch's evaluation): swap the new one in
+            stale = final.with_name(f".old_{final.name}")
+            shutil.rmtree(stale, ignore_errors=True)
+            final.rename(stale)
+            tmp.rename(final)
+            shutil.rmtree(stale)
+        else:
+            tmp.rename(final)
+        _fsync_dir(final.parent)
         prune(Path(output_dir), keep_last)
     accelerator.wait_for_everyone()
     return final
@@ -79,6 +100,8 @@ def prune(output_dir: Path, keep_last: int) -> None:
 
 
 def read_trainer_state(path: Path) -> dict:
+    if not Path(path).is_dir():
+        raise CheckpointError(f"{path}: checkpoint directory not found")
     try:
         return json.loads((path / TRAINER_STATE).read_text())
     except FileNotFoundError:
@@ -88,50 +111,52 @@ def read_trainer_state(path: Path) -> dict:
 
 
 def verify(path: Path) -> dict:
-    """Cheap integrity check before loading: every file recorded at save time is there with its size, and the
-    weights file's header parses. Catches truncation and half-copied directories without reading everything."""
+    """Cheap integrity check before loading: every file written is there at its size and structurally readable."""
+    path = Path(path)
     state = read_trainer_state(path)
-    for name, size in state.get("files", {}).items():
+    written = state.get("files") or {MODEL_FILE: state.get("model_bytes", 0)}
+    for name, size in written.items():
         file = path / name
         if not file.is_file():
-            raise CheckpointError(f"{path}: {name} missing")
+            raise CheckpointError(f"{file}: missing")
         if file.stat().st_size != size:
-            raise CheckpointError(f"{file}: truncated or changed ({file.stat().st_size} bytes, saved {size})")
+            raise CheckpointError(f"{file}: {file.stat().st_size} bytes but {size} were written (truncated?)")
     weights = path / MODEL_FILE
-    if not weights.is_file():
-        raise CheckpointError(f"{path}: {MODEL_FILE} missing")
     try:
+        from safetensors import safe_open
+
         with safe_open(str(weights), framework="pt") as handle:
-            handle.keys()
+            for key in handle.keys():
+                handle.get_slice(key)  # reads the header entry; truncation shows up as an error
     except Exception as err:  # noqa: BLE001 - any failure means this checkpoint cannot be trusted
         raise CheckpointError(f"{weights}: corrupt ({type(err).__name__}: {err})") from None
+    for name in written:
+        if name.endswith((".bin", ".pkl")):  # torch.save zip archives (optimizer, RNG, scaler)
+            try:
+                with zipfile.ZipFile(path / name) as archive:
+                    archive.namelist()  # the central directory sits at the end: truncation breaks it
+            except (zipfile.BadZipFile, OSError) as err:
+                raise CheckpointError(f"{path / name}: corrupt ({err})") from None
     return state
 
 
-def clean_state_dict(state: dict) -> dict:
-    """Weights as the bare model names them: accelerate checkpoints keep DDP's 'module.' (and torch.compile's
-    '_orig_mod.') prefixes."""
-    cleaned = {}
-    for key, tensor in state.items():
-        for prefix in ("module.", "_orig_mod."):
-            key = key.removeprefix(prefix)
-        cleaned[key] = tensor
-    return cleaned
+RUN_SHAPE = ("world_size", "batch_size", "grad_accum")  # what one step and one batch position mean
 
 
-def export(step_path: Path, out_dir: Path) -> Path:
-    """model.safetensors + config.yaml from a checkpoint, loadable by evaluate / predict without accelerate."""
-    verify(step_path)
-    run_config = step_path.parent.parent / "config.yaml"
-    if not run_config.is_file():
-        raise CheckpointError(f"{run_config}: the run's config.yaml is missing (expected beside checkpoints/)")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    target = out_dir / MODEL_FILE
-    tmp = target.with_name(f".{MODEL_FILE}.tmp")
-    save_file(clean_state_dict(load_file(str(step_path / MODEL_FILE))), str(tmp), metadata={"format": "pt"})
-    tmp.replace(target)
-    shutil.copyfile(run_config, out_dir / "config.yaml")
-    return target
+def adapt_position(saved: dict, path: Path, shape: dict, steps_per_epoch: int, warn=print) -> dict:
+    """The saved position in this run's units. A mid-epoch position counts each rank's batches, so it means the
+    same samples only for the same run shape; an end-of-epoch one carries over, the step becoming epoch x steps."""
+    before = {key: saved.get(key, shape[key]) for key in RUN_SHAPE}
+    if before == shape:
+        return saved
+    changes = ", ".join(f"{key} {before[key]} -> {shape[key]}" for key in RUN_SHAPE if before[key] != shape[key])
+    if saved["batch_in_epoch"]:
+        raise CheckpointError(f"{path}: saved mid-epoch by another run shape ({changes}); resume it with the same "
+                              "processes, data.batch_size and train.grad_accum, or from an end-of-epoch checkpoint")
+    step = saved["epoch"] * steps_per_epoch
+    warn(f"warning: {path} was saved with {changes}: continuing at epoch {saved['epoch']} = step {step} of this "
+         "run (the result will differ from an uninterrupted run)")
+    return {**saved, **shape, "step": step}
 
 
 def find_resume(output_dir: str | Path, warn=print) -> Path | None:
@@ -164,3 +189,39 @@ def update_best(output_dir: str | Path, source: Path, miou: float, step: int) ->
     staging.rename(best)
     shutil.rmtree(old, ignore_errors=True)
     return True
+
+
+def clean_state_dict(state: dict) -> dict:
+    """Weights as the bare model names them: accelerate checkpoints keep DDP's 'module.' (and torch.compile's
+    '_orig_mod.') prefixes."""
+    cleaned = {}
+    for key, tensor in state.items():
+        for prefix in ("module.", "_orig_mod."):
+            key = key.removeprefix(prefix)
+        cleaned[key] = tensor
+    return cleaned
+
+
+def export(checkpoint_dir: str | Path, out_dir: str | Path, overwrite: bool = False) -> Path:
+    """Write model.safetensors + config.yaml from a checkpoint: what evaluate / predict load, no accelerate state."""
+    checkpoint_dir, out_dir = Path(checkpoint_dir), Path(out_dir)
+    verify(checkpoint_dir)
+    config = checkpoint_dir / CONFIG_FILE
+    if not config.is_file():  # a checkpoint from before configs were copied in: the run's own config
+        config = checkpoint_dir.parent.parent / CONFIG_FILE
+    if not config.is_file():
+        raise CheckpointError(f"{checkpoint_dir}: no {CONFIG_FILE} in it or in its run directory")
+    target = out_dir / MODEL_FILE
+    if target.exists() and not overwrite:
+        raise CheckpointError(f"{target}: already exists (pass --force to replace it, or choose --out)")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    weights = load_file(str(checkpoint_dir / MODEL_FILE))
+    for name in (MODEL_FILE, CONFIG_FILE):
+        staging = out_dir / f".{name}.tmp"
+        if name == MODEL_FILE:
+            save_file(clean_state_dict(weights), str(staging), metadata={"format": "pt"})
+        else:
+            shutil.copyfile(config, staging)  # not copy2: the checkpoint's owner-only mode is not the artefact's
+        _fsync_file(staging)
+        staging.replace(out_dir / name)  # atomic: a reader sees the old file or the new one, never half
+    return target

@@ -1,4 +1,4 @@
-"""The `cityseg` command: train, evaluate, predict, synth — argument parsing and one-line errors, nothing more."""
+"""The `cityseg` command: train, evaluate, predict, export, synth — argument parsing and one-line errors."""
 from __future__ import annotations
 
 import argparse
@@ -42,9 +42,11 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--split", help="a split of data.root (leftImg8bit/<split>/<city>/*_leftImg8bit.png)")
     source.add_argument("--input", help="any folder of PNG / JPEG images (subfolders kept)")
     predict.add_argument("--output", required=True, help="writes labelIds/, color/ and overlay/ trees here")
-    export = commands.add_parser("export", help="model.safetensors + config.yaml from any training checkpoint")
-    export.add_argument("--checkpoint", required=True, help="a checkpoint directory, e.g. runs/x/checkpoints/step_00001000")
-    export.add_argument("--output", default=None, help="where to write (default: <run>/export/<checkpoint name>)")
+    exporter = commands.add_parser("export", help="model.safetensors + config.yaml from a checkpoint directory")
+    exporter.add_argument("--checkpoint", required=True, help="<output_dir>/checkpoints/step_<N> or .../best")
+    exporter.add_argument("--out", default=None, help="directory to write to (default: the checkpoint's run "
+                          "directory, i.e. <output_dir>)")
+    exporter.add_argument("--force", action="store_true", help="replace an existing model.safetensors")
     synth = commands.add_parser("synth", help="write a synthetic dataset in the Cityscapes layout")
     synth.add_argument("--out", required=True)
     synth.add_argument("--train", type=int, default=24)
@@ -102,11 +104,15 @@ def run_predict(args) -> int:
 
 
 def run_export(args) -> int:
-    step_path = Path(args.checkpoint)
-    out_dir = Path(args.output) if args.output else step_path.parent.parent / "export" / step_path.name
-    target = export(step_path, out_dir)
-    print(f"wrote {target} and {out_dir / 'config.yaml'}; evaluate with: cityseg evaluate --config "
-          f"{out_dir / 'config.yaml'} --checkpoint {target}")
+    source = Path(args.checkpoint)
+    if not source.is_dir():
+        raise CheckpointError(f"{source}: checkpoint directory not found")
+    run_dir = source.resolve().parent
+    if args.out is None and run_dir.name != "checkpoints":
+        raise CheckpointError(f"{source}: not inside <output_dir>/checkpoints/; say where to write with --out")
+    out = Path(args.out) if args.out else run_dir.parent
+    written = export(source, out, overwrite=args.force)
+    print(f"exported {source} -> {written} and {written.with_name('config.yaml')}")
     return 0
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, InitProcessGroupKwargs, set_seed
+from accelerate.utils import DataLoaderConfiguration, InitProcessGroupKwargs, broadcast_object_list, set_seed
 from safetensors.torch import load_file
 
 from cityseg import checkpoint
@@ -21,7 +21,7 @@ from cityseg.losses import build_loss
 from cityseg.metrics import new_confusion, summarize, update_confusion
 from cityseg.model import ModelError, average_batchnorm_stats, build_model
 from cityseg.preemption import EXIT_REQUEUE, StopFlag, sum_across_ranks, write_requeue_marker
-from cityseg.tracking import RunConsole, append_jsonl, rewind_jsonl
+from cityseg.tracking import RunConsole, append_jsonl, drop_records_after
 
 
 class TrainingError(RuntimeError):
@@ -97,21 +97,35 @@ def evaluate_loader(model, loader, accelerator, num_classes: int, predict=None) 
     return accelerator.reduce(confusion, reduction="sum") if accelerator.num_processes > 1 else confusion
 
 
-def resume_point(cfg, output_dir: Path, say) -> Path | None:
+def resume_point(cfg, output_dir: Path, accelerator, say) -> Path | None:
+    """The checkpoint to continue from; for `auto` the main process picks and tells the others, so ranks never
+    load different ones (on a shared filesystem a fresh save may become visible to them at different times)."""
     if cfg.train.resume == "none":
+        existing = checkpoint.complete_checkpoints(output_dir)
+        if existing:  # a later resume=auto would pick the old run's newest checkpoint: never mix two runs
+            raise checkpoint.CheckpointError(
+                f"{output_dir}: holds checkpoints of an earlier run (newest {existing[-1].name}); with "
+                "train.resume=none use a new output_dir, or train.resume=auto to continue that run")
         return None
-    if cfg.train.resume == "auto":
+    if cfg.train.resume != "auto":
+        path = Path(cfg.train.resume)
+        checkpoint.verify(path)
+        say(f"resume: from {path}")
+        return path
+    chosen = [None]
+    if accelerator.is_main_process:
         found = checkpoint.find_resume(output_dir, warn=say)
         say(f"resume: from {found}" if found else "resume: no checkpoint in output_dir, starting fresh")
-        return found
-    path = Path(cfg.train.resume)
-    checkpoint.verify(path)
-    say(f"resume: from {path}")
-    return path
+        chosen = [str(found) if found else None]
+    if accelerator.num_processes > 1:
+        broadcast_object_list(chosen)
+    return Path(chosen[0]) if chosen[0] else None
 
 
 def train(cfg) -> int:
     """Train per the config; returns the process exit code (0 done, EXIT_REQUEUE after a preemption save)."""
+    stop = StopFlag()
+    stop.install(cfg.train.preempt_signals)  # first: a signal during setup must not kill the process
     accelerator = make_accelerator(cfg)
     is_main, world = accelerator.is_main_process, accelerator.num_processes
     output_dir = Path(cfg.output_dir)
@@ -155,25 +169,27 @@ def train(cfg) -> int:
                   f"processes x {cfg.train.grad_accum} accumulation = {cfg.data.batch_size * world * cfg.train.grad_accum}"
                   f"; {len(train_set)} train / {len(val_set)} val images; {total_steps} steps")
 
-    state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "best_mIoU": None, "best_step": None, "nan_skipped": 0}
-    start_from = resume_point(cfg, output_dir, console.print)
+    # the run shape says what a step and a batch position mean; the LR schedule needs no state: lr_at(step)
+    shape = {"world_size": world, "batch_size": cfg.data.batch_size, "grad_accum": cfg.train.grad_accum}
+    state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "best_mIoU": None, "best_step": None, "nan_skipped": 0,
+             **shape}
+    start_from = resume_point(cfg, output_dir, accelerator, console.print)
     if start_from is not None:
-        try:
+        saved = checkpoint.read_trainer_state(start_from)
+        state.update(checkpoint.adapt_position(saved, start_from, shape, steps_per_epoch, console.print))
+        try:  # weights, optimizer, scaler, RNG (torch.load weights_only=True)
             accelerator.load_state(str(start_from))
         except Exception as err:  # noqa: BLE001 - name the checkpoint instead of a deep accelerate traceback
             raise checkpoint.CheckpointError(f"{start_from}: cannot be loaded into this run's model/optimizer "
                                              f"({type(err).__name__}: {str(err).splitlines()[0][:300]})") from None
-        state.update(checkpoint.read_trainer_state(start_from))
-        state.pop("files", None)
-        if is_main:
-            for log in ("train_log.jsonl", "metrics.jsonl"):
-                rewind_jsonl(output_dir / log, state["step"])
+    if is_main:  # records past the starting step (from a killed attempt) are written again by this run
+        for log in (output_dir / "train_log.jsonl", output_dir / "metrics.jsonl"):
+            drop_records_after(log, state["step"])
 
-    stop = StopFlag()
-    stop.install(cfg.train.preempt_signals)
     console.start(state["step"])
     train_log = output_dir / "train_log.jsonl"
     last_saved_step = state["step"] if start_from is not None else None
+    latest = start_from  # the newest checkpoint of this run: its weights become model.safetensors
     while state["step"] < total_steps and state["epoch"] < cfg.train.epochs:
         epoch = state["epoch"]
         loader.set_epoch(epoch)
@@ -234,11 +250,12 @@ def train(cfg) -> int:
             ends_epoch = state["batch_in_epoch"] >= len(loader)  # the epoch-end save (after validation) follows
             if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0 and not ends_epoch:
                 last_saved_step = step
-                checkpoint.save(accelerator, output_dir, state, cfg.checkpoint.keep_last)
+                latest = checkpoint.save(accelerator, output_dir, state, cfg.checkpoint.keep_last)
         epoch_done = state["batch_in_epoch"] >= len(loader)
         if epoch_done:
             state["epoch"], state["batch_in_epoch"] = epoch + 1, 0
-        if (epoch_done and state["epoch"] % cfg.train.eval_every_epochs == 0) or state["step"] >= total_steps:
+        evaluated = (epoch_done and state["epoch"] % cfg.train.eval_every_epochs == 0) or state["step"] >= total_steps
+        if evaluated:
             average_batchnorm_stats(accelerator.unwrap_model(model), accelerator)  # ranks validate the saved model
             metrics = summarize(evaluate_loader(accelerator.unwrap_model(model), val_loader, accelerator,
                                                 len(names)), names)
@@ -249,15 +266,16 @@ def train(cfg) -> int:
             is_best = state["best_mIoU"] is None or metrics["mIoU"] > state["best_mIoU"]
             if is_best and not math.isnan(metrics["mIoU"]):
                 state["best_mIoU"], state["best_step"] = metrics["mIoU"], state["step"]
-        if last_saved_step != state["step"]:
+        if last_saved_step != state["step"] or evaluated:  # also a resumed step whose epoch ended just now
             last_saved_step = state["step"]
-            saved = checkpoint.save(accelerator, output_dir, state, cfg.checkpoint.keep_last)
+            latest = checkpoint.save(accelerator, output_dir, state, cfg.checkpoint.keep_last)
             if is_main and state["best_step"] == state["step"]:
-                checkpoint.update_best(output_dir, saved, state["best_mIoU"], state["step"])
+                checkpoint.update_best(output_dir, latest, state["best_mIoU"], state["step"])
 
     console.close()
     accelerator.wait_for_everyone()
-    accelerator.save_model(model, str(output_dir), safe_serialization=True)
+    if is_main:  # the final checkpoint's weights, replaced atomically: never a half-written model.safetensors
+        checkpoint.export(latest, output_dir, overwrite=True)
     console.print(f"done: {state['step']} steps; weights in {output_dir / checkpoint.MODEL_FILE}; best mIoU "
                   f"{state['best_mIoU']} at step {state['best_step']}")
     accelerator.end_training()

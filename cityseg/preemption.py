@@ -7,26 +7,37 @@ from pathlib import Path
 
 import torch
 
+from cityseg.config import ConfigError
+
 EXIT_REQUEUE = 75  # "checkpointed, please requeue" (EX_TEMPFAIL); slurm/train.sh also reads CITYSEG_REQUEUE_FILE
 REQUEUE_FILE_ENV = "CITYSEG_REQUEUE_FILE"
 
 
 class StopFlag:
-    """Set by a signal handler in this process; the ranks agree on it through `sum_across_ranks` each step."""
+    """Set by a signal handler in this process; sum_across_ranks makes every rank see it at the same step."""
 
     def __init__(self):
         self.received: str | None = None
+        self.owner = os.getpid()
 
     def install(self, signal_names: list[str]) -> None:
         """Handle the preemption signals and Ctrl-C: finish the step, checkpoint, exit. A second Ctrl-C aborts."""
         for name in {*signal_names, "SIGINT"}:
-            signal.signal(getattr(signal, name), self._handle)
+            signum = getattr(signal, name, None)
+            if not isinstance(signum, signal.Signals) or signum in (signal.SIGKILL, signal.SIGSTOP):
+                raise ConfigError(f"train.preempt_signals: {name!r} is not a signal a process can catch "
+                                  "(e.g. SIGUSR1, SIGTERM)")
+            signal.signal(signum, self._handle)
 
     def _handle(self, signum, frame) -> None:
+        # DataLoader workers are forked after install and inherit this handler: there it does nothing, so a
+        # signal sent to every process of the job (scancel --signal) neither kills a worker nor reaches the loop
+        if os.getpid() != self.owner:
+            return
         name = signal.Signals(signum).name
         if name == "SIGINT" and self.received == "SIGINT":
             signal.signal(signal.SIGINT, signal.default_int_handler)
-            raise KeyboardInterrupt  # impatient second Ctrl-C: stop now, the last checkpoint stays
+            raise KeyboardInterrupt  # an impatient second Ctrl-C: stop now, the last checkpoint stays
         self.received = name
 
 
@@ -35,8 +46,9 @@ def _ignore(signum, frame) -> None:
 
 
 def shield_worker(signal_names: list[str]) -> None:
-    """In a DataLoader worker: `scancel --signal` reaches every process of the job, and torch's worker handler
-    would let SIGTERM kill the worker (and so the run). The main process decides; workers stop when it says."""
+    """In a DataLoader worker (its init function): torch installs a C handler there that lets SIGTERM kill the
+    worker, and with it the run, when `scancel --signal` signals every process of the job. The main process
+    decides; workers stop when it tells them."""
     for name in {*signal_names, "SIGINT"}:
         signal.signal(getattr(signal, name), _ignore)
 
@@ -54,5 +66,8 @@ def write_requeue_marker(checkpoint: Path) -> None:
     """Tell a batch script (which cannot see our exit code through `accelerate launch`) to requeue."""
     marker = os.environ.get(REQUEUE_FILE_ENV)
     if marker:
-        Path(marker).parent.mkdir(parents=True, exist_ok=True)
-        Path(marker).write_text(f"{checkpoint}\n")
+        marker = Path(marker)
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        staging = marker.with_name(f".{marker.name}.tmp")
+        staging.write_text(f"{checkpoint}\n")
+        staging.replace(marker)  # appears whole: the script may read the checkpoint path from it

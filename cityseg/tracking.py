@@ -17,14 +17,20 @@ def append_jsonl(path: Path, record: dict) -> None:
         handle.write(json.dumps(record) + "\n")
 
 
-def rewind_jsonl(path: Path, last_step: int) -> None:
-    """After a resume from `last_step`, drop records a killed run wrote past it: they will be written again."""
+def drop_records_after(path: Path, step: int) -> None:
+    """Remove records past `step` (and a line torn by a kill): a resumed run writes them again from there."""
     if not path.is_file():
         return
-    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= last_step]
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(f"{line}\n" for line in kept))
-    tmp.replace(path)
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError):
+            continue
+    staging = path.with_name(f".{path.name}.tmp")
+    staging.write_text("".join(f"{line}\n" for line in kept))
+    staging.replace(path)
 
 
 def iou_table(metrics: dict, title: str) -> Table:

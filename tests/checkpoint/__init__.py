@@ -1,1 +1,1 @@
-"""Checkpoint, resume and preemption tests."""
+
