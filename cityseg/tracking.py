@@ -17,6 +17,24 @@ def append_jsonl(path: Path, record: dict) -> None:
         handle.write(json.dumps(record) + "\n")
 
 
+class DataWait:
+    """Seconds spent inside next() of a loader: the share of step time the model waits for data."""
+
+    def __init__(self):
+        self.seconds = 0.0
+
+    def timed(self, iterable):
+        iterator = iter(iterable)
+        while True:
+            start = time.perf_counter()
+            try:
+                item = next(iterator)
+            except StopIteration:
+                return
+            self.seconds += time.perf_counter() - start
+            yield item
+
+
 def iou_table(metrics: dict, title: str) -> Table:
     table = Table(title=title)
     table.add_column("class")
