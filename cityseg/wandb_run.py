@@ -4,7 +4,9 @@ from __future__ import annotations
 import os
 import platform
 import secrets
+import shutil
 import string
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -29,6 +31,7 @@ def resolve_mode(mode: str) -> str:
         return os.environ["WANDB_MODE"]  # the user's wandb-wide choice
     import wandb
 
+    wandb.setup(wandb.Settings(silent=True))  # login() would otherwise announce where it found the key
     # prompt=False, verify=False: reads the configured credentials, asks nobody, touches no network
     return "online" if wandb.login(prompt=False, verify=False) else "offline"
 
@@ -55,10 +58,12 @@ class WandbRun:
 
     def __init__(self, cfg, accelerator, output_dir: Path, resumed: bool, val_set, say=print):
         self.cfg, self.accelerator, self.output_dir = cfg.tracking.wandb, accelerator, Path(output_dir)
+        self.run = None
+        if self.cfg.mode == "disabled":
+            return
         # every rank joins this gather (it is a collective); only the main process keeps the answer
         devices = Counter(gather_object([device_name(accelerator.device)]))
-        self.run = None
-        if not accelerator.is_main_process or self.cfg.mode == "disabled":
+        if not accelerator.is_main_process:
             return
         import wandb
 
@@ -70,19 +75,23 @@ class WandbRun:
         run_id = self._run_id(resumed)
         config = {**to_dict(cfg), "runtime": {"world_size": accelerator.num_processes, "devices": dict(devices),
                                               "mixed_precision": accelerator.mixed_precision,
-                                              "distributed_type": str(accelerator.distributed_type)}}
+                                              "distributed_type": accelerator.distributed_type.value}}
         init = dict(project=self.cfg.project, entity=self.cfg.entity, group=self.cfg.group, tags=self.cfg.tags,
                     name=self.cfg.run_name or cfg.name, id=run_id, resume="allow", dir=str(self.output_dir),
                     config=config)
         settings = dict(silent=True, init_timeout=float(os.environ.get("WANDB_INIT_TIMEOUT", INIT_TIMEOUT_S)),
                         finish_timeout=FINISH_TIMEOUT_S)
         (self.output_dir / "wandb").mkdir(parents=True, exist_ok=True)  # wandb.init falls back to /tmp without it
+        attempt_started = time.time()
         try:
             self.run = wandb.init(mode=mode, settings=wandb.Settings(**settings), **init)
         except Exception as err:  # noqa: BLE001 - no network, bad entity, ...: never a reason to lose the run
             if mode == "offline":
                 raise
             wandb.teardown()  # the failed attempt still holds the run id
+            for attempt_dir in (self.output_dir / "wandb").glob(f"run-*-{run_id}"):
+                if attempt_dir.stat().st_mtime >= attempt_started - 1:  # its 'exit' record must not reach `wandb sync`
+                    shutil.rmtree(attempt_dir, ignore_errors=True)
             reason = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
             say(f"W&B: cannot start the {mode} run ({reason}); logging offline instead")
             mode = "offline"

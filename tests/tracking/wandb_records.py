@@ -35,3 +35,35 @@ def read_records(path: Path) -> list:
             record.ParseFromString(pending)
             records.append(record)
     return records
+
+
+def _key(item) -> str:
+    return item.key or "/".join(item.nested_key)
+
+
+def history(records: list) -> list[dict]:
+    """One dict per logged W&B step: {'_step': ..., 'val/mIoU': ..., 'val/samples/all_masks': [...], ...}."""
+    return [{_key(item): json.loads(item.value_json) for item in r.history.item}
+            for r in records if r.WhichOneof("record_type") == "history"]
+
+
+def summary(records: list) -> dict:
+    merged = {}
+    for r in records:
+        if r.WhichOneof("record_type") == "summary":
+            merged.update({_key(item): json.loads(item.value_json) for item in r.summary.update})
+    return merged
+
+
+def config(records: list) -> dict:
+    """The run's config as W&B received it (the run record's config, then later updates)."""
+    merged = {}
+    for r in records:
+        kind = r.WhichOneof("record_type")
+        updates = r.run.config.update if kind == "run" else r.config.update if kind == "config" else []
+        merged.update({_key(item): json.loads(item.value_json) for item in updates})
+    return merged
+
+
+def run_id(records: list) -> str:
+    return next(r.run.run_id for r in records if r.WhichOneof("record_type") == "run")
