@@ -71,7 +71,6 @@ class WandbRun:
         self.names = class_names(cfg.data.label_scheme)
         self.class_labels = {**dict(enumerate(self.names)), IGNORE_INDEX: "ignore"}
         self.samples = load_samples(val_set, self.cfg.num_images)
-        mode = resolve_mode(self.cfg.mode)
         run_id = self._run_id(resumed)
         config = {**to_dict(cfg), "runtime": {"world_size": accelerator.num_processes, "devices": dict(devices),
                                               "mixed_precision": accelerator.mixed_precision,
@@ -79,29 +78,34 @@ class WandbRun:
         init = dict(project=self.cfg.project, entity=self.cfg.entity, group=self.cfg.group, tags=self.cfg.tags,
                     name=self.cfg.run_name or cfg.name, id=run_id, resume="allow", dir=str(self.output_dir),
                     config=config)
-        settings = dict(silent=True, init_timeout=float(os.environ.get("WANDB_INIT_TIMEOUT", INIT_TIMEOUT_S)),
-                        finish_timeout=FINISH_TIMEOUT_S)
-        (self.output_dir / "wandb").mkdir(parents=True, exist_ok=True)  # wandb.init falls back to /tmp without it
+        init_timeout = float(os.environ.get("WANDB_INIT_TIMEOUT", INIT_TIMEOUT_S))
+        settings = wandb.Settings(silent=True, init_timeout=init_timeout, finish_timeout=FINISH_TIMEOUT_S)
+        self.run = self._start(resolve_mode(self.cfg.mode), init, settings, say)
+        self.run.define_metric("val/mIoU", summary="max")
+        self.run.define_metric("train/loss", summary="min")
+
+    def _start(self, mode: str, init: dict, settings, say):
+        """wandb.init in the asked mode; when online fails (no network, bad entity, ...), offline instead."""
+        wandb, wandb_dir = self.wandb, self.output_dir / "wandb"
         attempt_started = time.time()
         try:
-            self.run = wandb.init(mode=mode, settings=wandb.Settings(**settings), **init)
-        except Exception as err:  # noqa: BLE001 - no network, bad entity, ...: never a reason to lose the run
+            run = wandb.init(mode=mode, settings=settings, **init)
+        except Exception as err:  # noqa: BLE001 - whatever went wrong, it is no reason to lose the training run
             if mode == "offline":
                 raise
             wandb.teardown()  # the failed attempt still holds the run id
-            for attempt_dir in (self.output_dir / "wandb").glob(f"run-*-{run_id}"):
+            for attempt_dir in wandb_dir.glob(f"run-*-{init['id']}"):
                 if attempt_dir.stat().st_mtime >= attempt_started - 1:  # its 'exit' record must not reach `wandb sync`
                     shutil.rmtree(attempt_dir, ignore_errors=True)
             reason = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
             say(f"W&B: cannot start the {mode} run ({reason}); logging offline instead")
             mode = "offline"
-            self.run = wandb.init(mode=mode, settings=wandb.Settings(**settings), **init)
+            run = wandb.init(mode=mode, settings=settings, **init)
         if mode == "offline":
-            say(f"W&B: offline run {run_id}; upload it later with: wandb sync {self.output_dir / 'wandb'}")
+            say(f"W&B: offline run {init['id']}; upload it later with: wandb sync {wandb_dir}")
         else:
-            say(f"W&B: {self.run.url}")
-        self.run.define_metric("val/mIoU", summary="max")
-        self.run.define_metric("train/loss", summary="min")
+            say(f"W&B: {run.url}")
+        return run
 
     def _run_id(self, resumed: bool) -> str:
         """The id kept in output_dir when training resumes; a fresh run (step 0) gets a new W&B run."""
@@ -156,8 +160,8 @@ class WandbRun:
         """The weights of checkpoints/best as a `model` artifact (tracking.wandb.log_checkpoints)."""
         if self.run is None or not self.cfg.log_checkpoints:
             return
-        artifact = self.wandb.Artifact(f"{self.run.id}-best", type="model",
-                                       metadata={"mIoU": trainer_state["best_mIoU"], "step": trainer_state["best_step"]})
+        best = {"mIoU": trainer_state["best_mIoU"], "step": trainer_state["best_step"]}
+        artifact = self.wandb.Artifact(f"{self.run.id}-best", type="model", metadata=best)
         for name in ("model.safetensors", "best.json"):
             artifact.add_file(str(best_dir / name))
         artifact.add_file(str(self.output_dir / "config.yaml"))

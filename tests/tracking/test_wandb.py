@@ -1,6 +1,8 @@
 """W&B tracking in real offline runs: one run for 2 processes, its records read back, resume, modes, secrets."""
 from __future__ import annotations
 
+import base64
+import hashlib
 import math
 import re
 from pathlib import Path
@@ -85,7 +87,8 @@ def test_evaluations_in_wandb_match_metrics_jsonl(two_process_run):
             assert same(row[f"val/iou/{name}"], iou), name
         assert row["val/iou_table/nrows"] == 19 and row["val/iou_table/_type"] == "table-file"
     best = max(evaluations, key=lambda e: e["mIoU"])
-    assert summary(records)["best_mIoU"] == pytest.approx(best["mIoU"]) and summary(records)["best_step"] == best["step"]
+    final = summary(records)
+    assert final["best_mIoU"] == pytest.approx(best["mIoU"]) and final["best_step"] == best["step"]
 
 
 def test_training_steps_in_wandb_match_train_log(two_process_run):
@@ -142,10 +145,13 @@ def test_non_tty_output_has_no_progress_bar_control_characters(two_process_run):
 def test_resume_continues_the_run_and_no_secret_is_written(synth_root, tmp_path):
     """Stopped at step 2, resumed to step 4: one W&B run id, the step axis goes on; the API key appears nowhere."""
     out = tmp_path / "run"
-    env = child_env(WANDB_API_KEY=FAKE_KEY)  # WANDB_MODE stays offline: a key is set but never used or shown
-    common = dict(tracking__wandb__mode="offline", tracking__wandb__num_images=1, checkpoint__every_steps=1)
+    env = child_env(WANDB_API_KEY=FAKE_KEY,  # WANDB_MODE stays offline: a key is set but never used or shown
+                    WANDB_DATA_DIR=str(tmp_path / "wandb_data"), WANDB_CACHE_DIR=str(tmp_path / "wandb_cache"))
+    common = dict(tracking__wandb__mode="offline", tracking__wandb__num_images=1, checkpoint__every_steps=1,
+                  tracking__wandb__log_checkpoints="true")
     first = train(synth_root, out, env, train__max_steps=2, **common)
     assert first.returncode == 0, first.stderr[-3000:]
+    best_weights = (out / "checkpoints" / "best" / "model.safetensors").read_bytes()
     second = train(synth_root, out, env, train__max_steps=4, **common)
     assert second.returncode == 0, second.stderr[-3000:]
     assert "resume: from" in second.stdout
@@ -156,6 +162,12 @@ def test_resume_continues_the_run_and_no_secret_is_written(synth_root, tmp_path)
     assert ids[0] == ids[1] == (out / "wandb_run_id").read_text().strip()
     steps = [[row["_step"] for row in history(records_of(r)) if "train/loss" in row] for r in runs]
     assert steps == [[1, 2], [3, 4]]
+    (artifact,) = [r.artifact for r in records_of(runs[0]) if r.WhichOneof("record_type") == "artifact"
+                   and r.artifact.type == "model"]  # log_checkpoints: the best checkpoint of the first part
+    assert artifact.name == f"{ids[0]}-best" and {"best", "step-2"} <= set(artifact.aliases)
+    digests = {entry.path: entry.digest for entry in artifact.manifest.contents}
+    assert set(digests) == {"model.safetensors", "best.json", "config.yaml"}
+    assert digests["model.safetensors"] == base64.b64encode(hashlib.md5(best_weights).digest()).decode()
 
     for text in (first.stdout, first.stderr, second.stdout, second.stderr):
         assert FAKE_KEY not in text
