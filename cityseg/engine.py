@@ -21,7 +21,8 @@ from cityseg.losses import build_loss
 from cityseg.metrics import new_confusion, summarize, update_confusion
 from cityseg.model import ModelError, average_batchnorm_stats, build_model
 from cityseg.preemption import EXIT_REQUEUE, StopFlag, sum_across_ranks, write_requeue_marker
-from cityseg.tracking import RunConsole, append_jsonl, drop_records_after
+from cityseg.tracking import DataWait, RunConsole, append_jsonl, drop_records_after
+from cityseg.wandb_run import WandbRun
 
 
 class TrainingError(RuntimeError):
@@ -185,6 +186,8 @@ def train(cfg) -> int:
     if is_main:  # records past the starting step (from a killed attempt) are written again by this run
         for log in (output_dir / "train_log.jsonl", output_dir / "metrics.jsonl"):
             drop_records_after(log, state["step"])
+    wandb_run = WandbRun(cfg, accelerator, output_dir, resumed=start_from is not None, val_set=val_set,
+                         say=console.print)
 
     console.start(state["step"])
     train_log = output_dir / "train_log.jsonl"
@@ -197,9 +200,9 @@ def train(cfg) -> int:
         skip = state["batch_in_epoch"]
         batches = accelerator.skip_first_batches(loader, skip) if skip else loader
         model.train()
-        tick, images_seen = time.perf_counter(), 0
+        tick, images_seen, data_wait = time.perf_counter(), 0, DataWait()
         window_loss, window_batches = 0.0, 0  # the logged loss: mean over ranks and the accumulation window
-        for images, masks, _ in batches:
+        for images, masks, _ in data_wait.timed(batches):
             if cfg.train.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
             with accelerator.accumulate(model):
@@ -232,9 +235,11 @@ def train(cfg) -> int:
             elapsed = time.perf_counter() - tick
             mean_loss = window_loss / (world * window_batches) if window_batches else math.nan
             record = {"step": step, "epoch": epoch, "loss": mean_loss,
-                      "lr": optimizer.param_groups[0]["lr"], "images_per_s": images_seen / max(elapsed, 1e-9)}
+                      "lr": optimizer.param_groups[0]["lr"], "images_per_s": images_seen / max(elapsed, 1e-9),
+                      "data_wait": data_wait.seconds / max(elapsed, 1e-9)}  # fraction of this rank's time
             if is_main and (step % cfg.train.log_every == 0 or step == total_steps):
                 append_jsonl(train_log, record)
+                wandb_run.log_step(record)
             console.step(step, epoch, record["loss"], record["lr"], record["images_per_s"])
             window_loss, window_batches = 0.0, 0
             if step >= total_steps:
@@ -245,6 +250,7 @@ def train(cfg) -> int:
                 console.print(f"preempted: checkpoint {saved} written at step {step}; exit {EXIT_REQUEUE} (requeue)")
                 if is_main:
                     write_requeue_marker(saved)
+                    wandb_run.finish(state, exit_code=EXIT_REQUEUE)
                 accelerator.wait_for_everyone()  # no rank exits (and makes srun stop the step) before the marker
                 return EXIT_REQUEUE
             ends_epoch = state["batch_in_epoch"] >= len(loader)  # the epoch-end save (after validation) follows
@@ -266,11 +272,13 @@ def train(cfg) -> int:
             is_best = state["best_mIoU"] is None or metrics["mIoU"] > state["best_mIoU"]
             if is_best and not math.isnan(metrics["mIoU"]):
                 state["best_mIoU"], state["best_step"] = metrics["mIoU"], state["step"]
+            wandb_run.log_eval(record, accelerator.unwrap_model(model), state)
         if last_saved_step != state["step"] or evaluated:  # also a resumed step whose epoch ended just now
             last_saved_step = state["step"]
             latest = checkpoint.save(accelerator, output_dir, state, cfg.checkpoint.keep_last)
             if is_main and state["best_step"] == state["step"]:
-                checkpoint.update_best(output_dir, latest, state["best_mIoU"], state["step"])
+                if checkpoint.update_best(output_dir, latest, state["best_mIoU"], state["step"]):
+                    wandb_run.log_best_checkpoint(output_dir / "checkpoints" / "best", state)
 
     console.close()
     accelerator.wait_for_everyone()
@@ -278,6 +286,7 @@ def train(cfg) -> int:
         checkpoint.export(latest, output_dir, overwrite=True)
     console.print(f"done: {state['step']} steps; weights in {output_dir / checkpoint.MODEL_FILE}; best mIoU "
                   f"{state['best_mIoU']} at step {state['best_step']}")
+    wandb_run.finish(state)
     accelerator.end_training()
     return 0
 

@@ -17,6 +17,24 @@ def append_jsonl(path: Path, record: dict) -> None:
         handle.write(json.dumps(record) + "\n")
 
 
+class DataWait:
+    """Seconds spent inside next() of a loader: the share of step time the model waits for data."""
+
+    def __init__(self):
+        self.seconds = 0.0
+
+    def timed(self, iterable):
+        iterator = iter(iterable)
+        while True:
+            start = time.perf_counter()
+            try:
+                item = next(iterator)
+            except StopIteration:
+                return
+            self.seconds += time.perf_counter() - start
+            yield item
+
+
 def drop_records_after(path: Path, step: int) -> None:
     """Remove records past `step` (and a line torn by a kill): a resumed run writes them again from there."""
     if not path.is_file():
