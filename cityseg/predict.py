@@ -30,6 +30,12 @@ def find_images(root: Path, exclude: Path | None = None) -> list[Path]:
              and not (exclude is not None and exclude.resolve() in p.resolve().parents)]
     if not found:
         raise DataError(f"{root}: no PNG or JPEG images found")
+    seen = {}
+    for image in sorted(found):  # photo.png and photo.jpg would write the same prediction files
+        key = image.relative_to(root).parent / output_stem(image)
+        if key in seen:
+            raise DataError(f"{image}: same name as {seen[key]}, so their predictions would overwrite each other")
+        seen[key] = image
     return sorted(found)
 
 

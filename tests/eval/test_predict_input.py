@@ -36,9 +36,18 @@ def test_predict_on_a_folder_of_images_of_any_size(trained_run, tmp_path):
 def test_predict_bad_input_is_one_line(trained_run, tmp_path, capsys):
     """The real CLI entry in this process (a child process per case would only add torch's import time)."""
     (tmp_path / "empty").mkdir()
+    clash = tmp_path / "clash"
+    clash.mkdir()
+    for name in ("photo.png", "photo.jpg"):
+        cv2.imwrite(str(clash / name), np.zeros((8, 8, 3), np.uint8))
     for source, message in ((tmp_path / "missing", "input directory not found"),
                             (tmp_path / "empty", "no PNG or JPEG images found")):
         code = main(["predict", "--config", str(trained_run / "config.yaml"), "--checkpoint", str(trained_run),
                      "--input", str(source), "--output", str(tmp_path / "out")])
         assert code == 1
         assert capsys.readouterr().err.strip() == f"error: {source}: {message}"
+    code = main(["predict", "--config", str(trained_run / "config.yaml"), "--checkpoint", str(trained_run),
+                 "--input", str(clash), "--output", str(tmp_path / "out")])
+    assert code == 1
+    assert capsys.readouterr().err.strip() == (f"error: {clash / 'photo.png'}: same name as {clash / 'photo.jpg'}, "
+                                               "so their predictions would overwrite each other")
