@@ -44,21 +44,39 @@ def save(accelerator, output_dir: str | Path, trainer_state: dict, keep_last: in
     """Save on every rank into a temporary directory; the main process seals it with a rename when all are done."""
     final = step_dir(output_dir, trainer_state["step"])
     tmp = final.with_name(f".tmp_{final.name}")
-    if accelerator.is_main_process and tmp.exists():
-        shutil.rmtree(tmp)  # left by a run killed mid-save
+    if accelerator.is_main_process:
+        for leftover in [tmp, *final.parent.glob(".del_step_*")]:  # left by a run killed mid-save or mid-prune
+            shutil.rmtree(leftover, ignore_errors=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))  # all ranks: the main one writes model/optimizer/..., each its RNG state
+    try:
+        accelerator.save_state(str(tmp))  # all ranks: the main one writes model/optimizer/..., each its RNG state
+    except (OSError, RuntimeError) as err:  # torch.save reports a full disk as RuntimeError, not OSError
+        raise _write_failed(output_dir, tmp, err) from None
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        trainer_state = {**trainer_state, "model_bytes": (tmp / MODEL_FILE).stat().st_size}
-        write_json_atomic(tmp / TRAINER_STATE, trainer_state)
-        _fsync_tree(tmp)
+        try:
+            trainer_state = {**trainer_state, "model_bytes": (tmp / MODEL_FILE).stat().st_size}
+            write_json_atomic(tmp / TRAINER_STATE, trainer_state)
+            _fsync_tree(tmp)
+        except OSError as err:
+            raise _write_failed(output_dir, tmp, err) from None
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)
         prune(Path(output_dir), keep_last)
     accelerator.wait_for_everyone()
     return final
+
+
+def _write_failed(output_dir: str | Path, tmp: Path, err: Exception) -> CheckpointError:
+    """Remove the partial directory (it holds the space a retry needs) and say what is still safe."""
+    shutil.rmtree(tmp, ignore_errors=True)
+    free_gib = shutil.disk_usage(tmp.parent).free / 2**30
+    previous = complete_checkpoints(output_dir)
+    kept = f"the previous checkpoint {previous[-1]} is intact" if previous else "no earlier checkpoint exists"
+    reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return CheckpointError(f"{tmp.parent}: writing checkpoint {tmp.name[len('.tmp_'):]} failed ({reason}; "
+                           f"{free_gib:.2f} GiB free there); {kept}")
 
 
 def complete_checkpoints(output_dir: str | Path) -> list[Path]:
@@ -72,7 +90,9 @@ def complete_checkpoints(output_dir: str | Path) -> list[Path]:
 
 def prune(output_dir: Path, keep_last: int) -> None:
     for old in complete_checkpoints(output_dir)[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+        doomed = old.with_name(f".del_{old.name}")  # unsealed first: a kill mid-delete leaves no half checkpoint
+        old.rename(doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
 
 
 def read_trainer_state(path: Path) -> dict:

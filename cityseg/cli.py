@@ -1,4 +1,4 @@
-"""The `cityseg` command: train, evaluate, synth — argument parsing and one-line errors, nothing more."""
+"""The `cityseg` command: train, evaluate, synth, check — argument parsing and one-line errors, nothing more."""
 from __future__ import annotations
 
 import argparse
@@ -13,6 +13,7 @@ from cityseg.config import ConfigError, load_config
 from cityseg.data.cityscapes import DataError
 from cityseg.engine import TrainingError, evaluate, train
 from cityseg.model import ModelError
+from cityseg.preemption import EXIT_INTERRUPTED
 
 USER_ERRORS = (ConfigError, DataError, ModelError, CheckpointError, TrainingError)
 
@@ -31,6 +32,11 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--checkpoint", required=True, help="model.safetensors or a checkpoint directory")
     evaluate.add_argument("--split", default=None, help="dataset split (default: data.val_split)")
     evaluate.add_argument("--json", default=None, help="also write the metrics to this JSON file")
+    check = commands.add_parser("check", help="preflight: would training start with this config? (exit 0 if so)")
+    _config_args(check)
+    check.add_argument("--deep", action="store_true", help="also decode every image and label")
+    check.add_argument("--world-size", type=int, default=None, help="processes the run will have "
+                       "(default: WORLD_SIZE, else 1)")
     synth = commands.add_parser("synth", help="write a synthetic dataset in the Cityscapes layout")
     synth.add_argument("--out", required=True)
     synth.add_argument("--train", type=int, default=24)
@@ -72,6 +78,19 @@ def run_evaluate(args) -> int:
     return 0
 
 
+def run_check(args) -> int:
+    from cityseg.preflight import format_checks, run_checks
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as err:
+        print(f"✗ config: {err}")
+        return 2
+    checks = run_checks(cfg, deep=args.deep, world_size=args.world_size)
+    print(format_checks(checks))
+    return 0 if all(ok for ok, _, _ in checks) else 1
+
+
 def run_synth(args) -> int:
     from cityseg.data.synthetic import write_synthetic
 
@@ -81,7 +100,7 @@ def run_synth(args) -> int:
     return 0
 
 
-COMMANDS = {"train": run_train, "evaluate": run_evaluate, "synth": run_synth}
+COMMANDS = {"train": run_train, "evaluate": run_evaluate, "check": run_check, "synth": run_synth}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -92,6 +111,9 @@ def main(argv: list[str] | None = None) -> int:
         prefix = "" if _is_main_rank() else f"[rank {os.environ.get('RANK')}] "
         sys.stderr.write(f"{prefix}error: {_one_line(err)}\n")  # one write: ranks sharing a pipe do not interleave
         return 2 if isinstance(err, ConfigError) else 1
+    except KeyboardInterrupt:  # Ctrl-C before training installed its handler (startup, evaluation)
+        sys.stderr.write("interrupted\n")
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

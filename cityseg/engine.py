@@ -15,12 +15,14 @@ from safetensors.torch import load_file
 
 from cityseg import checkpoint
 from cityseg.config import ConfigError, save_config
+from cityseg.data.cityscapes import skipped_samples
 from cityseg.data.loaders import eval_dataset, eval_loader, train_dataset, train_loader
 from cityseg.labels import class_names
 from cityseg.losses import build_loss
 from cityseg.metrics import new_confusion, summarize, update_confusion
 from cityseg.model import ModelError, average_batchnorm_stats, build_model
-from cityseg.preemption import EXIT_REQUEUE, StopFlag, sum_across_ranks, write_requeue_marker
+from cityseg.preflight import check_batch_share, check_mixed_precision, check_output_dir
+from cityseg.preemption import EXIT_INTERRUPTED, EXIT_REQUEUE, StopFlag, sum_across_ranks, write_requeue_marker
 from cityseg.tracking import RunConsole, append_jsonl
 
 
@@ -29,9 +31,7 @@ class TrainingError(RuntimeError):
 
 
 def make_accelerator(cfg) -> Accelerator:
-    if cfg.train.mixed_precision == "fp16" and not torch.cuda.is_available():
-        raise ConfigError("train.mixed_precision: fp16 needs a CUDA GPU (accelerate would silently run fp32 on "
-                          "the CPU); use bf16 on the CPU")
+    check_mixed_precision(cfg.train.mixed_precision, torch.cuda.is_available())
     accelerator = Accelerator(
         mixed_precision=cfg.train.mixed_precision,
         gradient_accumulation_steps=cfg.train.grad_accum,
@@ -115,17 +115,15 @@ def train(cfg) -> int:
     accelerator = make_accelerator(cfg)
     is_main, world = accelerator.is_main_process, accelerator.num_processes
     output_dir = Path(cfg.output_dir)
-    if is_main:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, output_dir / "config.yaml")
     set_seed(cfg.seed)
     names = class_names(cfg.data.label_scheme)
-    train_set = train_dataset(cfg, bad_sample_log=output_dir / "skipped_samples.txt")
+    skipped_log = output_dir / "skipped_samples.txt"
+    train_set = train_dataset(cfg, bad_sample_log=skipped_log)
     val_set = eval_dataset(cfg)
-    share = len(train_set) // world
-    if share < cfg.data.batch_size:
-        raise ConfigError(f"data.batch_size: {cfg.data.batch_size} is larger than each process's share of the "
-                          f"training set ({len(train_set)} samples / {world} processes = {share})")
+    check_batch_share(cfg.data.batch_size, len(train_set), world)
+    check_output_dir(output_dir, create=True)  # the cheap preflight passed: only now write into output_dir
+    if is_main:
+        save_config(cfg, output_dir / "config.yaml")
 
     model = build_model(cfg.model, len(names))
     if cfg.model.sync_bn:
@@ -162,7 +160,7 @@ def train(cfg) -> int:
         state.update(checkpoint.read_trainer_state(start_from))
 
     stop = StopFlag()
-    stop.install(cfg.train.preempt_signals)
+    stop.install([*cfg.train.preempt_signals, "SIGINT"])  # Ctrl-C checkpoints too (see the exit below)
     console.start(state["step"])
     train_log = output_dir / "train_log.jsonl"
     last_saved_step = state["step"] if start_from is not None else None
@@ -216,6 +214,10 @@ def train(cfg) -> int:
             if stop_count:
                 saved = checkpoint.save(accelerator, output_dir, state, cfg.checkpoint.keep_last)
                 console.close()
+                if stop.received == "SIGINT":  # a user's Ctrl-C: stop for good, no requeue
+                    console.print(f"interrupted: checkpoint {saved} written at step {step}; the same command "
+                                  f"resumes; exit {EXIT_INTERRUPTED}")
+                    return EXIT_INTERRUPTED
                 console.print(f"preempted: checkpoint {saved} written at step {step}; exit {EXIT_REQUEUE} (requeue)")
                 if is_main:
                     write_requeue_marker(saved)
@@ -251,6 +253,8 @@ def train(cfg) -> int:
     accelerator.save_model(model, str(output_dir), safe_serialization=True)
     console.print(f"done: {state['step']} steps; weights in {output_dir / checkpoint.MODEL_FILE}; best mIoU "
                   f"{state['best_mIoU']} at step {state['best_step']}")
+    for line in skipped_samples(skipped_log):
+        console.print(line)
     accelerator.end_training()
     return 0
 

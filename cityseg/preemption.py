@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 EXIT_REQUEUE = 75  # "checkpointed, please requeue" (EX_TEMPFAIL); slurm/train.sh also reads CITYSEG_REQUEUE_FILE
+EXIT_INTERRUPTED = 130  # Ctrl-C (SIGINT): checkpointed, stopped on purpose (the shell's 128 + SIGINT)
 REQUEUE_FILE_ENV = "CITYSEG_REQUEUE_FILE"
 
 
