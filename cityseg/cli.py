@@ -5,6 +5,7 @@ import argparse
 import json
 import math
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -57,7 +58,14 @@ def _one_line(err: Exception) -> str:
     text = str(err).strip()
     if "Original Traceback" in text:
         text = text.splitlines()[-1].split(": ", 1)[-1]
+    text = re.sub(r"^\[[^\]]*\.(cc|cpp):\d+\]\s*", "", text)  # C++ source location of gloo / NCCL errors
     return text.splitlines()[0] if text else type(err).__name__
+
+
+def _is_collective_failure(err: RuntimeError) -> bool:
+    import torch.distributed as dist
+
+    return isinstance(err, dist.DistError) or any(word in str(err) for word in ("gloo", "NCCL", "ProcessGroup"))
 
 
 def run_train(args) -> int:
@@ -111,6 +119,13 @@ def main(argv: list[str] | None = None) -> int:
         prefix = "" if _is_main_rank() else f"[rank {os.environ.get('RANK')}] "
         sys.stderr.write(f"{prefix}error: {_one_line(err)}\n")  # one write: ranks sharing a pipe do not interleave
         return 2 if isinstance(err, ConfigError) else 1
+    except RuntimeError as err:
+        if not _is_collective_failure(err):
+            raise
+        sys.stderr.write(f"[rank {os.environ.get('RANK', '0')}] error: a collective failed: another process died or "
+                         f"stalled past dist.timeout_minutes ({_one_line(err)}); the launcher's report names the "
+                         "rank that failed first\n")
+        return 1
     except KeyboardInterrupt:  # Ctrl-C before training installed its handler (startup, evaluation)
         sys.stderr.write("interrupted\n")
         return EXIT_INTERRUPTED
