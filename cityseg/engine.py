@@ -253,6 +253,8 @@ def train(cfg) -> int:
     accelerator.save_model(model, str(output_dir), safe_serialization=True)
     console.print(f"done: {state['step']} steps; weights in {output_dir / checkpoint.MODEL_FILE}; best mIoU "
                   f"{state['best_mIoU']} at step {state['best_step']}")
+    if state["nan_skipped"]:
+        console.print(f"warning: {state['nan_skipped']} step(s) skipped for a NaN/Inf loss (train.on_nan=skip)")
     for line in skipped_samples(skipped_log):
         console.print(line)
     accelerator.end_training()

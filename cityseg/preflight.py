@@ -49,17 +49,16 @@ def check_output_dir(output_dir: str | Path, create: bool) -> None:
     """output_dir can be created and written to (a real write: permission bits say nothing for root or on a
     read-only mount). With create=False nothing is left behind."""
     output_dir = Path(output_dir)
-    target = output_dir if create else _existing_ancestor(output_dir)
     try:
         if create:
             output_dir.mkdir(parents=True, exist_ok=True)
-        elif not target.is_dir():
-            raise NotADirectoryError(20, "Not a directory", str(target))
+        target = output_dir if create else _existing_ancestor(output_dir)
         with tempfile.TemporaryFile(dir=target):
             pass
     except OSError as err:
-        where = f" ({err.filename})" if err.filename and str(err.filename) != str(output_dir) else ""
-        raise ConfigError(f"output_dir {output_dir}: not writable: {err.strerror}{where}") from None
+        blocker = _existing_ancestor(output_dir)
+        why = f"{blocker} is not a directory" if not blocker.is_dir() else err.strerror
+        raise ConfigError(f"output_dir {output_dir}: not writable: {why}") from None
 
 
 # --- what `cityseg check` reports ------------------------------------------------------------------------------
