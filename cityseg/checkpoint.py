@@ -7,6 +7,8 @@ import re
 import shutil
 from pathlib import Path
 
+from safetensors import SafetensorError
+
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 TRAINER_STATE = "trainer_state.json"  # written last: its presence marks a complete checkpoint
 MODEL_FILE = "model.safetensors"
@@ -50,7 +52,7 @@ def save(accelerator, output_dir: str | Path, trainer_state: dict, keep_last: in
     accelerator.wait_for_everyone()
     try:
         accelerator.save_state(str(tmp))  # all ranks: the main one writes model/optimizer/..., each its RNG state
-    except (OSError, RuntimeError) as err:  # torch.save reports a full disk as RuntimeError, not OSError
+    except (OSError, RuntimeError, SafetensorError) as err:  # torch.save says RuntimeError for a full disk
         raise _write_failed(output_dir, tmp, err) from None
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
