@@ -76,7 +76,8 @@ def _write_failed(output_dir: str | Path, tmp: Path, err: Exception) -> Checkpoi
     free_gib = shutil.disk_usage(tmp.parent).free / 2**30
     previous = complete_checkpoints(output_dir)
     kept = f"the previous checkpoint {previous[-1]} is intact" if previous else "no earlier checkpoint exists"
-    reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    reason = re.sub(r"\[[^\]]*\.(cc|cpp|h):\d+\][ .]*", "", str(err).strip()) or type(err).__name__
+    reason = reason.splitlines()[0]  # without torch's C++ source location
     return CheckpointError(f"{tmp.parent}: writing checkpoint {tmp.name[len('.tmp_'):]} failed ({reason}; "
                            f"{free_gib:.2f} GiB free there); {kept}")
 
