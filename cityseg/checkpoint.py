@@ -7,7 +7,8 @@ import re
 import shutil
 from pathlib import Path
 
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 TRAINER_STATE = "trainer_state.json"  # written last: its presence marks a complete checkpoint
@@ -57,8 +58,8 @@ def save(accelerator, output_dir: str | Path, trainer_state: dict, keep_last: in
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         try:
-            trainer_state = {**trainer_state, "model_bytes": (tmp / MODEL_FILE).stat().st_size}
-            write_json_atomic(tmp / TRAINER_STATE, trainer_state)
+            files = {str(f.relative_to(tmp)): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()}
+            write_json_atomic(tmp / TRAINER_STATE, {**trainer_state, "files": files})
             _fsync_tree(tmp)
         except OSError as err:
             raise _write_failed(output_dir, tmp, err) from None
@@ -108,22 +109,50 @@ def read_trainer_state(path: Path) -> dict:
 
 
 def verify(path: Path) -> dict:
-    """Cheap integrity check before loading: trainer state parses and the weights file has a valid header."""
+    """Cheap integrity check before loading: every file recorded at save time is there with its size, and the
+    weights file's header parses. Catches truncation and half-copied directories without reading everything."""
     state = read_trainer_state(path)
+    for name, size in state.get("files", {}).items():
+        file = path / name
+        if not file.is_file():
+            raise CheckpointError(f"{path}: {name} missing")
+        if file.stat().st_size != size:
+            raise CheckpointError(f"{file}: truncated or changed ({file.stat().st_size} bytes, saved {size})")
     weights = path / MODEL_FILE
     if not weights.is_file():
         raise CheckpointError(f"{path}: {MODEL_FILE} missing")
     try:
-        from safetensors import safe_open
-
         with safe_open(str(weights), framework="pt") as handle:
-            for key in handle.keys():
-                handle.get_slice(key)  # reads the header entry; truncation shows up as an error
+            handle.keys()
     except Exception as err:  # noqa: BLE001 - any failure means this checkpoint cannot be trusted
         raise CheckpointError(f"{weights}: corrupt ({type(err).__name__}: {err})") from None
-    if weights.stat().st_size < state.get("model_bytes", 0):
-        raise CheckpointError(f"{weights}: truncated")
     return state
+
+
+def clean_state_dict(state: dict) -> dict:
+    """Weights as the bare model names them: accelerate checkpoints keep DDP's 'module.' (and torch.compile's
+    '_orig_mod.') prefixes."""
+    cleaned = {}
+    for key, tensor in state.items():
+        for prefix in ("module.", "_orig_mod."):
+            key = key.removeprefix(prefix)
+        cleaned[key] = tensor
+    return cleaned
+
+
+def export(step_path: Path, out_dir: Path) -> Path:
+    """model.safetensors + config.yaml from a checkpoint, loadable by evaluate / predict without accelerate."""
+    verify(step_path)
+    run_config = step_path.parent.parent / "config.yaml"
+    if not run_config.is_file():
+        raise CheckpointError(f"{run_config}: the run's config.yaml is missing (expected beside checkpoints/)")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    target = out_dir / MODEL_FILE
+    tmp = target.with_name(f".{MODEL_FILE}.tmp")
+    save_file(clean_state_dict(load_file(str(step_path / MODEL_FILE))), str(tmp), metadata={"format": "pt"})
+    tmp.replace(target)
+    shutil.copyfile(run_config, out_dir / "config.yaml")
+    return target
 
 
 def find_resume(output_dir: str | Path, warn=print) -> Path | None:

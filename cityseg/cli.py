@@ -1,4 +1,4 @@
-"""The `cityseg` command: train, evaluate, synth, check — argument parsing and one-line errors, nothing more."""
+"""The `cityseg` command: train, evaluate, predict, export, check, synth — argument parsing and one-line errors."""
 from __future__ import annotations
 
 import argparse
@@ -9,10 +9,11 @@ import re
 import sys
 from pathlib import Path
 
-from cityseg.checkpoint import CheckpointError
+from cityseg.checkpoint import CheckpointError, export
 from cityseg.config import ConfigError, load_config
 from cityseg.data.cityscapes import DataError
-from cityseg.engine import TrainingError, evaluate, train
+from cityseg.engine import TrainingError, train
+from cityseg.evaluate import evaluate
 from cityseg.model import ModelError
 from cityseg.preemption import EXIT_INTERRUPTED
 
@@ -33,6 +34,19 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--checkpoint", required=True, help="model.safetensors or a checkpoint directory")
     evaluate.add_argument("--split", default=None, help="dataset split (default: data.val_split)")
     evaluate.add_argument("--json", default=None, help="also write the metrics to this JSON file")
+    evaluate.add_argument("--mode", choices=["resized", "full"], default=None,
+                          help="resized: at data.image_size (what training reports); full: logits upsampled to the "
+                               "labels' resolution (the benchmark protocol). Same as eval.mode=...")
+    predict = commands.add_parser("predict", help="write label-id PNGs (benchmark format), colour maps, overlays")
+    _config_args(predict)
+    predict.add_argument("--checkpoint", required=True, help="model.safetensors or a checkpoint directory")
+    source = predict.add_mutually_exclusive_group(required=True)
+    source.add_argument("--split", help="a split of data.root (leftImg8bit/<split>/<city>/*_leftImg8bit.png)")
+    source.add_argument("--input", help="any folder of PNG / JPEG images (subfolders kept)")
+    predict.add_argument("--output", required=True, help="writes labelIds/, color/ and overlay/ trees here")
+    export = commands.add_parser("export", help="model.safetensors + config.yaml from any training checkpoint")
+    export.add_argument("--checkpoint", required=True, help="a checkpoint directory, e.g. runs/x/checkpoints/step_00001000")
+    export.add_argument("--output", default=None, help="where to write (default: <run>/export/<checkpoint name>)")
     check = commands.add_parser("check", help="preflight: would training start with this config? (exit 0 if so)")
     _config_args(check)
     check.add_argument("--deep", action="store_true", help="also decode every image and label")
@@ -75,11 +89,16 @@ def run_train(args) -> int:
 def run_evaluate(args) -> int:
     from rich.console import Console
 
-    from cityseg.tracking import iou_table
+    from cityseg.tracking import benchmark_tables
 
-    metrics = evaluate(load_config(args.config, args.overrides), args.checkpoint, args.split)
+    overrides = [*args.overrides, f"eval.mode={args.mode}"] if args.mode else args.overrides
+    metrics = evaluate(load_config(args.config, overrides), args.checkpoint, args.split)
     if _is_main_rank():
-        Console().print(iou_table(metrics, f"{args.checkpoint} on {metrics['split']} ({metrics['images']} images)"))
+        title = f"{args.checkpoint} on {metrics['split']} ({metrics['images']} images, {metrics['mode']} resolution)"
+        console = Console()
+        console.print(title, highlight=False, soft_wrap=True)
+        for table in benchmark_tables(metrics):
+            console.print(table)
         if args.json:
             clean = json.loads(json.dumps(metrics, default=float).replace("NaN", "null"))
             Path(args.json).write_text(json.dumps(clean, indent=2))
@@ -99,6 +118,25 @@ def run_check(args) -> int:
     return 0 if all(ok for ok, _, _ in checks) else 1
 
 
+def run_predict(args) -> int:
+    from cityseg.predict import predict
+
+    count = predict(load_config(args.config, args.overrides), args.checkpoint, args.output, split=args.split,
+                    input_dir=args.input)
+    if _is_main_rank():
+        print(f"wrote predictions of {count} images to {args.output} (labelIds/, color/, overlay/)")
+    return 0
+
+
+def run_export(args) -> int:
+    step_path = Path(args.checkpoint)
+    out_dir = Path(args.output) if args.output else step_path.parent.parent / "export" / step_path.name
+    target = export(step_path, out_dir)
+    print(f"wrote {target} and {out_dir / 'config.yaml'}; evaluate with: cityseg evaluate --config "
+          f"{out_dir / 'config.yaml'} --checkpoint {target}")
+    return 0
+
+
 def run_synth(args) -> int:
     from cityseg.data.synthetic import write_synthetic
 
@@ -108,7 +146,8 @@ def run_synth(args) -> int:
     return 0
 
 
-COMMANDS = {"train": run_train, "evaluate": run_evaluate, "check": run_check, "synth": run_synth}
+COMMANDS = {"train": run_train, "evaluate": run_evaluate, "predict": run_predict, "export": run_export,
+            "check": run_check, "synth": run_synth}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import signal
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -248,6 +249,9 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
         config = _build(Config, tree, "")
     except ConfigError as err:
         raise ConfigError(f"{path}: {err}" if path is not None else str(err)) from None
+    for name in config.train.preempt_signals:
+        if name not in signal.Signals.__members__:
+            raise ConfigError(f"{path or 'config'}: train.preempt_signals: unknown signal {name!r} (e.g. SIGUSR1)")
     if config.output_dir is None:
         config.output_dir = str(Path("runs") / config.name)
     return config

@@ -1,4 +1,4 @@
-"""The training and evaluation loops on accelerate: one flat loop from batch to optimizer.step()."""
+"""The training loop on accelerate: one flat loop from batch to optimizer.step(), validation at the training size."""
 from __future__ import annotations
 
 import math
@@ -23,7 +23,7 @@ from cityseg.metrics import new_confusion, summarize, update_confusion
 from cityseg.model import ModelError, average_batchnorm_stats, build_model
 from cityseg.preflight import check_batch_share, check_mixed_precision, check_output_dir
 from cityseg.preemption import EXIT_INTERRUPTED, EXIT_REQUEUE, StopFlag, sum_across_ranks, write_requeue_marker
-from cityseg.tracking import RunConsole, append_jsonl
+from cityseg.tracking import RunConsole, append_jsonl, rewind_jsonl
 
 
 class TrainingError(RuntimeError):
@@ -58,7 +58,7 @@ def load_weights(model: torch.nn.Module, path: str | Path) -> None:
     if not path.is_file():
         raise ModelError(f"{path}: checkpoint not found")
     try:
-        state = load_file(str(path))
+        state = checkpoint.clean_state_dict(load_file(str(path)))
     except Exception as err:  # noqa: BLE001 - a partial or foreign file
         raise ModelError(f"{path}: not a readable safetensors checkpoint ({err})") from None
     own = model.state_dict()
@@ -156,11 +156,19 @@ def train(cfg) -> int:
     state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "best_mIoU": None, "best_step": None, "nan_skipped": 0}
     start_from = resume_point(cfg, output_dir, console.print)
     if start_from is not None:
-        accelerator.load_state(str(start_from))
+        try:
+            accelerator.load_state(str(start_from))
+        except Exception as err:  # noqa: BLE001 - name the checkpoint instead of a deep accelerate traceback
+            raise checkpoint.CheckpointError(f"{start_from}: cannot be loaded into this run's model/optimizer "
+                                             f"({type(err).__name__}: {str(err).splitlines()[0][:300]})") from None
         state.update(checkpoint.read_trainer_state(start_from))
+        state.pop("files", None)
+        if is_main:
+            for log in ("train_log.jsonl", "metrics.jsonl"):
+                rewind_jsonl(output_dir / log, state["step"])
 
     stop = StopFlag()
-    stop.install([*cfg.train.preempt_signals, "SIGINT"])  # Ctrl-C checkpoints too (see the exit below)
+    stop.install(cfg.train.preempt_signals)
     console.start(state["step"])
     train_log = output_dir / "train_log.jsonl"
     last_saved_step = state["step"] if start_from is not None else None
@@ -211,6 +219,8 @@ def train(cfg) -> int:
                 append_jsonl(train_log, record)
             console.step(step, epoch, record["loss"], record["lr"], record["images_per_s"])
             window_loss, window_batches = 0.0, 0
+            if step >= total_steps:
+                break  # the last step: finish normally (evaluate, save) even if a stop was asked for
             if stop_count:
                 saved = checkpoint.save(accelerator, output_dir, state, cfg.checkpoint.keep_last)
                 console.close()
@@ -223,9 +233,8 @@ def train(cfg) -> int:
                     write_requeue_marker(saved)
                 accelerator.wait_for_everyone()  # no rank exits (and makes srun stop the step) before the marker
                 return EXIT_REQUEUE
-            if step >= total_steps:
-                break
-            if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0:
+            ends_epoch = state["batch_in_epoch"] >= len(loader)  # the epoch-end save (after validation) follows
+            if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0 and not ends_epoch:
                 last_saved_step = step
                 checkpoint.save(accelerator, output_dir, state, cfg.checkpoint.keep_last)
         epoch_done = state["batch_in_epoch"] >= len(loader)
@@ -260,15 +269,3 @@ def train(cfg) -> int:
     accelerator.end_training()
     return 0
 
-
-def evaluate(cfg, weights: str | Path, split: str | None = None) -> dict:
-    """Metrics of saved weights on a split, sharded over the launched processes, at the training size."""
-    accelerator = make_accelerator(cfg)
-    names = class_names(cfg.data.label_scheme)
-    dataset = eval_dataset(cfg, split)
-    model = build_model(cfg.model, len(names))
-    load_weights(model, weights)
-    model.to(accelerator.device)
-    loader = eval_loader(cfg, dataset, accelerator.process_index, accelerator.num_processes)
-    confusion = evaluate_loader(model, loader, accelerator, len(names))
-    return {"split": split or cfg.data.val_split, "images": len(dataset), **summarize(confusion, names)}

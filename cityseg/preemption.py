@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from pathlib import Path
 
 import torch
@@ -10,25 +11,43 @@ import torch
 EXIT_REQUEUE = 75  # "checkpointed, please requeue" (EX_TEMPFAIL); slurm/train.sh also reads CITYSEG_REQUEUE_FILE
 EXIT_INTERRUPTED = 130  # Ctrl-C (SIGINT): checkpointed, stopped on purpose (the shell's 128 + SIGINT)
 REQUEUE_FILE_ENV = "CITYSEG_REQUEUE_FILE"
+SECOND_CTRL_C_AFTER_S = 2.0  # a second SIGINT sooner than this is the launcher forwarding the first one
 
 
 class StopFlag:
-    """Set by a signal handler in this process; `agreed` makes every rank see the same answer at the same step."""
+    """Set by a signal handler in this process; the ranks agree on it through `sum_across_ranks` each step."""
 
     def __init__(self):
         self.received: str | None = None
+        self.first_sigint = 0.0
 
     def install(self, signal_names: list[str]) -> None:
-        for name in signal_names:
-            try:
-                signum = getattr(signal, name)
-            except AttributeError:
-                raise ValueError(f"train.preempt_signals: unknown signal {name!r}") from None
-            signal.signal(signum, self._handle)
+        """Handle the preemption signals and Ctrl-C: finish the step, checkpoint, exit. A second Ctrl-C aborts."""
+        for name in {*signal_names, "SIGINT"}:
+            signal.signal(getattr(signal, name), self._handle)
 
     def _handle(self, signum, frame) -> None:
-        self.received = signal.Signals(signum).name
+        name = signal.Signals(signum).name
+        if name == "SIGINT" and self.received == "SIGINT":
+            # a terminal's Ctrl-C reaches a worker twice: from the terminal and forwarded by the launcher
+            if time.monotonic() - self.first_sigint > SECOND_CTRL_C_AFTER_S:
+                signal.signal(signal.SIGINT, signal.default_int_handler)
+                raise KeyboardInterrupt  # impatient second Ctrl-C: stop now, the last checkpoint stays
+            return
+        if name == "SIGINT":
+            self.first_sigint = time.monotonic()
+        self.received = name
 
+
+def _ignore(signum, frame) -> None:
+    pass
+
+
+def shield_worker(signal_names: list[str]) -> None:
+    """In a DataLoader worker: `scancel --signal` reaches every process of the job, and torch's worker handler
+    would let SIGTERM kill the worker (and so the run). The main process decides; workers stop when it says."""
+    for name in {*signal_names, "SIGINT"}:
+        signal.signal(getattr(signal, name), _ignore)
 
 
 def sum_across_ranks(accelerator, values: list) -> list[float]:

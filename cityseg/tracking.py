@@ -17,6 +17,16 @@ def append_jsonl(path: Path, record: dict) -> None:
         handle.write(json.dumps(record) + "\n")
 
 
+def rewind_jsonl(path: Path, last_step: int) -> None:
+    """After a resume from `last_step`, drop records a killed run wrote past it: they will be written again."""
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= last_step]
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(f"{line}\n" for line in kept))
+    tmp.replace(path)
+
+
 def iou_table(metrics: dict, title: str) -> Table:
     table = Table(title=title)
     table.add_column("class")
@@ -26,6 +36,32 @@ def iou_table(metrics: dict, title: str) -> Table:
     table.add_row("[bold]mIoU", f"[bold]{metrics['mIoU']:.4f}")
     table.add_row("pixel acc", f"{metrics['pixel_acc']:.4f}")
     return table
+
+
+def _score(value) -> str:
+    return "n/a" if value is None or math.isnan(value) else f"{value:.4f}"
+
+
+def benchmark_tables(metrics: dict) -> list[Table]:
+    """`cityseg evaluate`'s tables: classes (IoU, iIoU where measured), then categories, each with its mean."""
+    tables = []
+    for level, iou_key, iiou_key, mean_key, imean_key in (("class", "iou", "iiou", "mIoU", "iIoU"),
+                                                         ("category", "category_iou", "category_iiou",
+                                                          "category_mIoU", "category_iIoU")):
+        table = Table()
+        table.add_column(level)
+        table.add_column("IoU", justify="right")
+        instance = metrics.get(iiou_key)
+        if instance is not None:
+            table.add_column("iIoU", justify="right")
+        for name, value in metrics[iou_key].items():
+            table.add_row(name, _score(value), *([_score(instance.get(name))] if instance is not None else []))
+        table.add_row(f"[bold]{'mIoU' if level == 'class' else 'mean'}", f"[bold]{_score(metrics[mean_key])}",
+                      *([f"[bold]{_score(metrics[imean_key])}"] if instance is not None else []))
+        if level == "class":
+            table.add_row("pixel acc", _score(metrics["pixel_acc"]), *([""] if instance is not None else []))
+        tables.append(table)
+    return tables
 
 
 class RunConsole:

@@ -12,10 +12,13 @@ from torch.utils.data import DataLoader, Subset
 from cityseg.data.cityscapes import CityscapesPairs, collate, find_pairs
 from cityseg.data.transforms import eval_transform, train_transform
 from cityseg.labels import label_lut
+from cityseg.preemption import shield_worker
 
 
-def seed_worker(worker_id: int, rank: int) -> None:
-    """Distinct numpy / random / torch seeds per rank and per worker, for any randomness outside albumentations."""
+def init_worker(worker_id: int, rank: int, preempt_signals: list[str]) -> None:
+    """Distinct numpy / random / torch seeds per rank and per worker (for randomness outside albumentations);
+    preemption signals are left to the main process."""
+    shield_worker(preempt_signals)
     seed = (torch.initial_seed() + rank * 7919) % 2**32
     np.random.seed(seed)
     random.seed(seed)
@@ -40,7 +43,7 @@ def train_loader(cfg, dataset, rank: int) -> DataLoader:
     return DataLoader(
         dataset, batch_size=cfg.data.batch_size, shuffle=True, drop_last=True, collate_fn=collate,
         num_workers=cfg.data.num_workers, pin_memory=torch.cuda.is_available(),
-        worker_init_fn=functools.partial(seed_worker, rank=rank),
+        worker_init_fn=functools.partial(init_worker, rank=rank, preempt_signals=cfg.train.preempt_signals),
         prefetch_factor=4 if cfg.data.num_workers > 0 else None,
     )
 

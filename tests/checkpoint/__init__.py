@@ -1,0 +1,1 @@
+"""Checkpoint, resume and preemption tests."""
