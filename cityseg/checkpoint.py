@@ -8,6 +8,7 @@ import shutil
 import zipfile
 from pathlib import Path
 
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
@@ -57,20 +58,27 @@ def save(accelerator, output_dir: str | Path, trainer_state: dict, keep_last: in
     """Save on every rank into a temporary directory; the main process seals it with a rename when all are done."""
     final = step_dir(output_dir, trainer_state["step"])
     tmp = final.with_name(f".tmp_{final.name}")
-    if accelerator.is_main_process and tmp.exists():
-        shutil.rmtree(tmp)  # left by a run killed mid-save
+    if accelerator.is_main_process:
+        for leftover in [tmp, *final.parent.glob(".del_step_*")]:  # left by a run killed mid-save or mid-prune
+            shutil.rmtree(leftover, ignore_errors=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))  # all ranks: the main one writes model/optimizer/..., each its RNG state
-    _fsync_file(tmp / f"random_states_{accelerator.process_index}.pkl")  # on the rank (node) that wrote it
+    try:
+        accelerator.save_state(str(tmp))  # all ranks: the main one writes model/optimizer/..., each its RNG state
+        _fsync_file(tmp / f"random_states_{accelerator.process_index}.pkl")  # on the rank (node) that wrote it
+    except (OSError, RuntimeError, SafetensorError) as err:  # torch.save says RuntimeError for a full disk
+        raise _write_failed(output_dir, tmp, err) from None
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        run_config = Path(output_dir) / CONFIG_FILE
-        if run_config.is_file():
-            shutil.copyfile(run_config, tmp / CONFIG_FILE)
-        # sizes of everything written: verify() tells a complete checkpoint from one truncated later
-        files = {file.name: file.stat().st_size for file in sorted(tmp.iterdir()) if file.is_file()}
-        write_json_atomic(tmp / TRAINER_STATE, {**trainer_state, "files": files})
-        _fsync_tree(tmp)
+        try:
+            run_config = Path(output_dir) / CONFIG_FILE
+            if run_config.is_file():
+                shutil.copyfile(run_config, tmp / CONFIG_FILE)
+            # sizes of everything written: verify() tells a complete checkpoint from one truncated later
+            files = {file.name: file.stat().st_size for file in sorted(tmp.iterdir()) if file.is_file()}
+            write_json_atomic(tmp / TRAINER_STATE, {**trainer_state, "files": files})
+            _fsync_tree(tmp)
+        except OSError as err:
+            raise _write_failed(output_dir, tmp, err) from None
         if final.exists():  # this step saved again (after its epoch's evaluation): swap the new one in
             stale = final.with_name(f".old_{final.name}")
             shutil.rmtree(stale, ignore_errors=True)
@@ -85,6 +93,18 @@ def save(accelerator, output_dir: str | Path, trainer_state: dict, keep_last: in
     return final
 
 
+def _write_failed(output_dir: str | Path, tmp: Path, err: Exception) -> CheckpointError:
+    """Remove the partial directory (it holds the space a retry needs) and say what is still safe."""
+    shutil.rmtree(tmp, ignore_errors=True)
+    free_gib = shutil.disk_usage(tmp.parent).free / 2**30
+    previous = complete_checkpoints(output_dir)
+    kept = f"the previous checkpoint {previous[-1]} is intact" if previous else "no earlier checkpoint exists"
+    reason = re.sub(r"\[[^\]]*\.(cc|cpp|h):\d+\][ .]*", "", str(err).strip()) or type(err).__name__
+    reason = reason.splitlines()[0]  # without torch's C++ source location
+    return CheckpointError(f"{tmp.parent}: writing checkpoint {tmp.name[len('.tmp_'):]} failed ({reason}; "
+                           f"{free_gib:.2f} GiB free there); {kept}")
+
+
 def complete_checkpoints(output_dir: str | Path) -> list[Path]:
     """Sealed step checkpoints, oldest first (temporary and unsealed directories are ignored)."""
     root = Path(output_dir) / "checkpoints"
@@ -96,7 +116,9 @@ def complete_checkpoints(output_dir: str | Path) -> list[Path]:
 
 def prune(output_dir: Path, keep_last: int) -> None:
     for old in complete_checkpoints(output_dir)[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+        doomed = old.with_name(f".del_{old.name}")  # unsealed first: a kill mid-delete leaves no half checkpoint
+        old.rename(doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
 
 
 def read_trainer_state(path: Path) -> dict:

@@ -1,10 +1,11 @@
-"""The `cityseg` command: train, evaluate, predict, export, synth — argument parsing and one-line errors."""
+"""The `cityseg` command: train, evaluate, predict, export, check, synth — argument parsing and one-line errors."""
 from __future__ import annotations
 
 import argparse
 import json
 import math
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from cityseg.data.cityscapes import DataError
 from cityseg.engine import TrainingError, train
 from cityseg.evaluate import evaluate
 from cityseg.model import ModelError
+from cityseg.preemption import EXIT_INTERRUPTED
 
 USER_ERRORS = (ConfigError, DataError, ModelError, CheckpointError, TrainingError)
 
@@ -47,6 +49,11 @@ def build_parser() -> argparse.ArgumentParser:
     exporter.add_argument("--out", default=None, help="directory to write to (default: the checkpoint's run "
                           "directory, i.e. <output_dir>)")
     exporter.add_argument("--force", action="store_true", help="replace an existing model.safetensors")
+    check = commands.add_parser("check", help="preflight: would training start with this config? (exit 0 if so)")
+    _config_args(check)
+    check.add_argument("--deep", action="store_true", help="also decode every image and label")
+    check.add_argument("--world-size", type=int, default=None, help="processes the run will have "
+                       "(default: WORLD_SIZE, else 1)")
     synth = commands.add_parser("synth", help="write a synthetic dataset in the Cityscapes layout")
     synth.add_argument("--out", required=True)
     synth.add_argument("--train", type=int, default=24)
@@ -67,7 +74,14 @@ def _one_line(err: Exception) -> str:
     text = str(err).strip()
     if "Original Traceback" in text:
         text = text.splitlines()[-1].split(": ", 1)[-1]
+    text = re.sub(r"^\[[^\]]*\.(cc|cpp):\d+\]\s*", "", text)  # C++ source location of gloo / NCCL errors
     return text.splitlines()[0] if text else type(err).__name__
+
+
+def _is_collective_failure(err: RuntimeError) -> bool:
+    import torch.distributed as dist
+
+    return isinstance(err, dist.DistError) or any(word in str(err) for word in ("gloo", "NCCL", "ProcessGroup"))
 
 
 def run_train(args) -> int:
@@ -91,6 +105,19 @@ def run_evaluate(args) -> int:
             clean = json.loads(json.dumps(metrics, default=float).replace("NaN", "null"))
             Path(args.json).write_text(json.dumps(clean, indent=2))
     return 0
+
+
+def run_check(args) -> int:
+    from cityseg.preflight import format_checks, run_checks
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as err:
+        print(f"✗ config: {err}")
+        return 2
+    checks = run_checks(cfg, deep=args.deep, world_size=args.world_size)
+    print(format_checks(checks))
+    return 0 if all(ok for ok, _, _ in checks) else 1
 
 
 def run_predict(args) -> int:
@@ -126,7 +153,7 @@ def run_synth(args) -> int:
 
 
 COMMANDS = {"train": run_train, "evaluate": run_evaluate, "predict": run_predict, "export": run_export,
-            "synth": run_synth}
+            "check": run_check, "synth": run_synth}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -137,6 +164,16 @@ def main(argv: list[str] | None = None) -> int:
         prefix = "" if _is_main_rank() else f"[rank {os.environ.get('RANK')}] "
         sys.stderr.write(f"{prefix}error: {_one_line(err)}\n")  # one write: ranks sharing a pipe do not interleave
         return 2 if isinstance(err, ConfigError) else 1
+    except RuntimeError as err:
+        if not _is_collective_failure(err):
+            raise
+        sys.stderr.write(f"[rank {os.environ.get('RANK', '0')}] error: a collective failed: another process died or "
+                         f"stalled past dist.timeout_minutes ({_one_line(err)}); the launcher's report names the "
+                         "rank that failed first\n")
+        return 1
+    except KeyboardInterrupt:  # Ctrl-C before training installed its handler (startup, evaluation)
+        sys.stderr.write("interrupted\n")
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

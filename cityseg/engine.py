@@ -15,12 +15,14 @@ from safetensors.torch import load_file
 
 from cityseg import checkpoint
 from cityseg.config import ConfigError, save_config
+from cityseg.data.cityscapes import skipped_samples
 from cityseg.data.loaders import eval_dataset, eval_loader, train_dataset, train_loader
 from cityseg.labels import class_names
 from cityseg.losses import build_loss
 from cityseg.metrics import new_confusion, summarize, update_confusion
 from cityseg.model import ModelError, average_batchnorm_stats, build_model
-from cityseg.preemption import EXIT_REQUEUE, StopFlag, sum_across_ranks, write_requeue_marker
+from cityseg.preflight import check_batch_share, check_mixed_precision, check_output_dir
+from cityseg.preemption import EXIT_INTERRUPTED, EXIT_REQUEUE, StopFlag, sum_across_ranks, write_requeue_marker
 from cityseg.tracking import DataWait, RunConsole, append_jsonl, drop_records_after
 from cityseg.wandb_run import WandbRun
 
@@ -30,9 +32,7 @@ class TrainingError(RuntimeError):
 
 
 def make_accelerator(cfg) -> Accelerator:
-    if cfg.train.mixed_precision == "fp16" and not torch.cuda.is_available():
-        raise ConfigError("train.mixed_precision: fp16 needs a CUDA GPU (accelerate would silently run fp32 on "
-                          "the CPU); use bf16 on the CPU")
+    check_mixed_precision(cfg.train.mixed_precision, torch.cuda.is_available())
     accelerator = Accelerator(
         mixed_precision=cfg.train.mixed_precision,
         gradient_accumulation_steps=cfg.train.grad_accum,
@@ -130,17 +130,15 @@ def train(cfg) -> int:
     accelerator = make_accelerator(cfg)
     is_main, world = accelerator.is_main_process, accelerator.num_processes
     output_dir = Path(cfg.output_dir)
-    if is_main:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, output_dir / "config.yaml")
     set_seed(cfg.seed)
     names = class_names(cfg.data.label_scheme)
-    train_set = train_dataset(cfg, bad_sample_log=output_dir / "skipped_samples.txt")
+    skipped_log = output_dir / "skipped_samples.txt"
+    train_set = train_dataset(cfg, bad_sample_log=skipped_log)
     val_set = eval_dataset(cfg)
-    share = len(train_set) // world
-    if share < cfg.data.batch_size:
-        raise ConfigError(f"data.batch_size: {cfg.data.batch_size} is larger than each process's share of the "
-                          f"training set ({len(train_set)} samples / {world} processes = {share})")
+    check_batch_share(cfg.data.batch_size, len(train_set), world)
+    check_output_dir(output_dir, create=True)  # the cheap preflight passed: only now write into output_dir
+    if is_main:
+        save_config(cfg, output_dir / "config.yaml")
 
     model = build_model(cfg.model, len(names))
     if cfg.model.sync_bn:
@@ -247,12 +245,19 @@ def train(cfg) -> int:
             if stop_count:
                 saved = checkpoint.save(accelerator, output_dir, state, cfg.checkpoint.keep_last)
                 console.close()
-                console.print(f"preempted: checkpoint {saved} written at step {step}; exit {EXIT_REQUEUE} (requeue)")
+                interrupted = stop.received == "SIGINT"  # a user's Ctrl-C: stop for good, no requeue
+                code = EXIT_INTERRUPTED if interrupted else EXIT_REQUEUE
+                if interrupted:
+                    console.print(f"interrupted: checkpoint {saved} written at step {step}; the same command "
+                                  f"resumes; exit {code}")
+                else:
+                    console.print(f"preempted: checkpoint {saved} written at step {step}; exit {code} (requeue)")
                 if is_main:
-                    write_requeue_marker(saved)
-                    wandb_run.finish(state, exit_code=EXIT_REQUEUE)
+                    if not interrupted:
+                        write_requeue_marker(saved)
+                    wandb_run.finish(state, exit_code=code)
                 accelerator.wait_for_everyone()  # no rank exits (and makes srun stop the step) before the marker
-                return EXIT_REQUEUE
+                return code
             ends_epoch = state["batch_in_epoch"] >= len(loader)  # the epoch-end save (after validation) follows
             if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0 and not ends_epoch:
                 last_saved_step = step
@@ -286,6 +291,10 @@ def train(cfg) -> int:
         checkpoint.export(latest, output_dir, overwrite=True)
     console.print(f"done: {state['step']} steps; weights in {output_dir / checkpoint.MODEL_FILE}; best mIoU "
                   f"{state['best_mIoU']} at step {state['best_step']}")
+    if state["nan_skipped"]:
+        console.print(f"warning: {state['nan_skipped']} step(s) skipped for a NaN/Inf loss (train.on_nan=skip)")
+    for line in skipped_samples(skipped_log):
+        console.print(line)
     wandb_run.finish(state)
     accelerator.end_training()
     return 0

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from pathlib import Path
 
 import torch
@@ -10,7 +11,9 @@ import torch
 from cityseg.config import ConfigError
 
 EXIT_REQUEUE = 75  # "checkpointed, please requeue" (EX_TEMPFAIL); slurm/train.sh also reads CITYSEG_REQUEUE_FILE
+EXIT_INTERRUPTED = 130  # Ctrl-C (SIGINT): checkpointed, stopped on purpose (the shell's 128 + SIGINT)
 REQUEUE_FILE_ENV = "CITYSEG_REQUEUE_FILE"
+SECOND_CTRL_C_AFTER_S = 2.0  # a second SIGINT sooner than this is the launcher forwarding the first one
 
 
 class StopFlag:
@@ -19,6 +22,7 @@ class StopFlag:
     def __init__(self):
         self.received: str | None = None
         self.owner = os.getpid()
+        self.first_sigint = 0.0
 
     def install(self, signal_names: list[str]) -> None:
         """Handle the preemption signals and Ctrl-C: finish the step, checkpoint, exit. A second Ctrl-C aborts."""
@@ -36,8 +40,13 @@ class StopFlag:
             return
         name = signal.Signals(signum).name
         if name == "SIGINT" and self.received == "SIGINT":
-            signal.signal(signal.SIGINT, signal.default_int_handler)
-            raise KeyboardInterrupt  # an impatient second Ctrl-C: stop now, the last checkpoint stays
+            # a terminal's Ctrl-C reaches a worker twice: from the terminal and forwarded by the launcher
+            if time.monotonic() - self.first_sigint > SECOND_CTRL_C_AFTER_S:
+                signal.signal(signal.SIGINT, signal.default_int_handler)
+                raise KeyboardInterrupt  # impatient second Ctrl-C: stop now, the last checkpoint stays
+            return
+        if name == "SIGINT":
+            self.first_sigint = time.monotonic()
         self.received = name
 
 

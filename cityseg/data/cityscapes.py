@@ -110,13 +110,16 @@ class CityscapesPairs(Dataset):
         return read_pair(*self.pairs[index], self.label_lut)
 
     def __getitem__(self, index: int):
-        try:
-            image, mask = self.load(index)
-        except DataError as err:
-            if self.on_bad_sample == "error":
-                raise
-            self.record_bad_sample(err)
-            return self[(index + 1) % len(self)]  # a neighbour stands in, so batch shapes stay fixed
+        for offset in range(len(self)):  # a bad sample's next neighbour stands in, so batch shapes stay fixed
+            try:
+                image, mask = self.load((index + offset) % len(self))
+                break
+            except DataError as err:
+                if self.on_bad_sample == "error":
+                    raise
+                self.record_bad_sample(err)
+        else:
+            raise DataError(f"{self.pairs[index][0].parent.parent}: every sample is bad (data.on_bad_sample=skip)")
         self.transform.set_random_seed(sample_seed(self.seed, self.epoch, index))
         out = self.transform(image=image, mask=mask)
         return out["image"], out["mask"], index
@@ -126,6 +129,14 @@ class CityscapesPairs(Dataset):
         if self.bad_sample_log is not None:
             with open(self.bad_sample_log, "a") as log:  # one short append per line: safe across workers
                 log.write(f"{err}\n")
+
+
+def skipped_samples(bad_sample_log: Path) -> list[str]:
+    """The end-of-run summary of data.on_bad_sample=skip: each bad file once, in the order first met."""
+    if not bad_sample_log.is_file():
+        return []
+    unique = list(dict.fromkeys(bad_sample_log.read_text().splitlines()))
+    return [f"warning: {len(unique)} bad sample(s) skipped (listed in {bad_sample_log}):", *unique]
 
 
 def collate(batch):

@@ -1,0 +1,191 @@
+"""Preflight: would training start? Each check is a (ok, label, detail) line; the engine reuses the raising ones."""
+from __future__ import annotations
+
+import netrc
+import os
+import shutil
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+from cityseg import checkpoint
+from cityseg.config import ConfigError
+from cityseg.data.cityscapes import DataError, find_pairs, read_pair
+from cityseg.labels import class_names, label_lut
+from cityseg.model import ModelError, build_model
+
+DIST_ENV = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+            "ACCELERATE_USE_CPU", "ACCELERATE_MIXED_PRECISION", "CUDA_VISIBLE_DEVICES", "SLURM_JOB_ID",
+            "SLURM_NNODES", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_GPUS_ON_NODE", "NCCL_SOCKET_IFNAME",
+            "GLOO_SOCKET_IFNAME", "WANDB_MODE")
+Check = tuple[bool, str, str]
+
+
+# --- checks that raise: the engine calls these at startup, `cityseg check` turns them into lines ---------------
+
+def check_mixed_precision(mixed_precision: str, cuda: bool) -> None:
+    if mixed_precision == "fp16" and not cuda:
+        raise ConfigError("train.mixed_precision: fp16 needs a CUDA GPU (accelerate would silently run fp32 on "
+                          "the CPU); use bf16 on the CPU")
+
+
+def check_batch_share(batch_size: int, num_samples: int, world_size: int) -> None:
+    share = num_samples // world_size
+    if share < batch_size:
+        raise ConfigError(f"data.batch_size: {batch_size} is larger than each process's share of the "
+                          f"training set ({num_samples} samples / {world_size} processes = {share})")
+
+
+def _existing_ancestor(path: Path) -> Path:
+    path = path.absolute()
+    while not path.exists():
+        path = path.parent
+    return path
+
+
+def check_output_dir(output_dir: str | Path, create: bool) -> None:
+    """output_dir can be created and written to (a real write: permission bits say nothing for root or on a
+    read-only mount). With create=False nothing is left behind."""
+    output_dir = Path(output_dir)
+    try:
+        if create:
+            output_dir.mkdir(parents=True, exist_ok=True)
+        target = output_dir if create else _existing_ancestor(output_dir)
+        with tempfile.TemporaryFile(dir=target):
+            pass
+    except OSError as err:
+        blocker = _existing_ancestor(output_dir)
+        why = f"{blocker} is not a directory" if not blocker.is_dir() else err.strerror
+        raise ConfigError(f"output_dir {output_dir}: not writable: {why}") from None
+
+
+# --- what `cityseg check` reports ------------------------------------------------------------------------------
+
+def checkpoint_bytes(model: torch.nn.Module) -> int:
+    """Weights plus AdamW's two moments, float32: the bulk of one accelerate checkpoint."""
+    return 3 * 4 * sum(p.numel() for p in model.parameters())
+
+
+def disk_needed(model: torch.nn.Module, keep_last: int) -> int:
+    # keep_last sealed + the one being written + best + the exported model.safetensors
+    return checkpoint_bytes(model) * (keep_last + 2) + 4 * sum(p.numel() for p in model.parameters())
+
+
+def wandb_mode(wandb_cfg) -> tuple[str, str]:
+    """The mode W&B will run in, and why (never the key itself)."""
+    if wandb_cfg.mode == "disabled":
+        return "disabled", "tracking.wandb.mode=disabled"
+    env_mode = os.environ.get("WANDB_MODE")
+    if env_mode in ("offline", "disabled", "dryrun"):
+        return "offline" if env_mode == "dryrun" else env_mode, f"WANDB_MODE={env_mode}"
+    has_key = bool(os.environ.get("WANDB_API_KEY"))
+    if not has_key:
+        try:
+            has_key = netrc.netrc().authenticators("api.wandb.ai") is not None
+        except (OSError, netrc.NetrcParseError):
+            pass
+    if wandb_cfg.mode == "online":
+        return ("online", "API key found") if has_key else ("online", "no API key (WANDB_API_KEY or ~/.netrc)")
+    if wandb_cfg.mode == "offline":
+        return "offline", "tracking.wandb.mode=offline; `wandb sync` uploads later"
+    return ("online", "auto: API key found") if has_key else ("offline", "auto: no API key; `wandb sync` later")
+
+
+def deep_scan(pairs, lut, workers: int) -> tuple[int, list[str]]:
+    """Decode every pair (sizes, ids, corruption); returns the count and the errors, in file order."""
+    def one(pair):
+        try:
+            read_pair(*pair, lut)
+            return None
+        except DataError as err:
+            return str(err)
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:  # OpenCV decodes without the GIL
+        errors = [e for e in pool.map(one, pairs) if e is not None]
+    return len(pairs), errors
+
+
+def _guard(checks: list[Check], label: str, func) -> object:
+    """Run one check; a user-facing error becomes a ✗ line instead of stopping the others."""
+    try:
+        ok, detail, value = func()
+    except (ConfigError, DataError, ModelError, checkpoint.CheckpointError) as err:
+        checks.append((False, label, str(err)))
+        return None
+    checks.append((ok, label, detail))
+    return value
+
+
+def run_checks(cfg, deep: bool = False, world_size: int | None = None) -> list[Check]:
+    """Everything training needs before it starts; world_size defaults to the launcher's WORLD_SIZE (or 1)."""
+    checks: list[Check] = [(True, "config", f"valid; name {cfg.name}, output_dir {cfg.output_dir}")]
+    world = world_size or int(os.environ.get("WORLD_SIZE", "1"))
+    cuda = torch.cuda.is_available() and os.environ.get("ACCELERATE_USE_CPU", "") not in ("1", "true", "True")
+    device = f"{torch.cuda.device_count()} CUDA device(s) visible" if cuda else "CPU (gloo between processes)"
+
+    def launch():
+        check_mixed_precision(cfg.train.mixed_precision, cuda)
+        detail = f"{world} process(es); {device}; mixed precision {cfg.train.mixed_precision}"
+        if cfg.model.sync_bn and not (cuda and world > 1):
+            detail += "; warning: model.sync_bn needs more than one CUDA device, plain BatchNorm will be used"
+        return True, detail, None
+    _guard(checks, "processes", launch)
+
+    lut = label_lut(cfg.data.label_scheme)
+    for split in (cfg.data.train_split, cfg.data.val_split):
+        def layout(split=split):
+            pairs = find_pairs(cfg.data.root, split)
+            if not deep:
+                return True, f"{len(pairs)} image/label pairs in {cfg.data.root}", pairs
+            count, errors = deep_scan(pairs, lut, workers=os.cpu_count() or 1)
+            if errors:
+                return False, f"{len(errors)} of {count} pairs unreadable; first: {errors[0]}", pairs
+            return True, f"{count} pairs decoded: sizes match, label ids known", pairs
+        pairs = _guard(checks, f"data {split}", layout)
+        if split == cfg.data.train_split and pairs is not None:
+            def share(pairs=pairs):
+                check_batch_share(cfg.data.batch_size, len(pairs), world)
+                return True, f"{cfg.data.batch_size} per process <= {len(pairs) // world} samples per process", None
+            _guard(checks, "batch size", share)
+
+    def model():
+        built = build_model(cfg.model, len(class_names(cfg.data.label_scheme)))
+        params = sum(p.numel() for p in built.parameters())
+        weights = cfg.model.encoder_weights or "random init"
+        return True, f"{cfg.model.arch} / {cfg.model.encoder}, {params / 1e6:.1f} M parameters, encoder {weights}", built
+    built = _guard(checks, "model", model)
+
+    def output():
+        check_output_dir(cfg.output_dir, create=False)
+        free = shutil.disk_usage(_existing_ancestor(Path(cfg.output_dir))).free
+        detail = f"writable; {free / 2**30:.1f} GiB free"
+        if built is None:
+            return True, detail, None
+        needed = disk_needed(built, cfg.checkpoint.keep_last)
+        detail += f", checkpoints need about {needed / 2**30:.2f} GiB (keep_last {cfg.checkpoint.keep_last})"
+        return free >= needed, detail, None
+    _guard(checks, "output_dir", output)
+
+    def resume():
+        if cfg.train.resume == "none":
+            return True, "train.resume=none: starting fresh", None
+        if cfg.train.resume != "auto":
+            checkpoint.verify(Path(cfg.train.resume))
+            return True, f"from {cfg.train.resume}", None
+        skipped = []
+        found = checkpoint.find_resume(cfg.output_dir, warn=skipped.append)
+        note = f" ({len(skipped)} broken newer checkpoint(s) skipped)" if skipped else ""
+        return True, (f"from {found}" if found else "no checkpoint in output_dir: starting fresh") + note, None
+    _guard(checks, "resume", resume)
+
+    mode, why = wandb_mode(cfg.tracking.wandb)
+    checks.append((not (mode == "online" and "no API key" in why), "W&B", f"{mode} ({why})"))
+    seen = [f"{name}={os.environ[name]}" for name in DIST_ENV if name in os.environ]
+    checks.append((True, "environment", " ".join(seen) if seen else "no launcher or SLURM variables set"))
+    return checks
+
+
+def format_checks(checks: list[Check]) -> str:
+    return "\n".join(f"{'✓' if ok else '✗'} {label}: {detail}" for ok, label, detail in checks)

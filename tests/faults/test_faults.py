@@ -1,0 +1,129 @@
+"""Faults in real runs: Ctrl-C and kill -9 of one rank under accelerate launch, NaN loss, a disk that fills up."""
+import os
+import re
+import resource
+import signal
+import subprocess
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from cityseg import checkpoint
+from tests.conftest import REPO, PYTHON, child_env, launch_cmd, run, tiny_overrides
+
+
+def worker_pids(launcher_pid: int) -> dict[str, int]:
+    """{RANK: pid} of the launcher's child processes, read from /proc."""
+    found = {}
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            parent = int(open(f"/proc/{entry}/stat").read().rsplit(")", 1)[1].split()[1])
+            environ = open(f"/proc/{entry}/environ", "rb").read().split(b"\0")
+        except OSError:
+            continue
+        if parent == launcher_pid:
+            env = dict(item.decode(errors="replace").split("=", 1) for item in environ if b"=" in item)
+            found[env.get("RANK")] = int(entry)
+    return found
+
+
+def launch_until(lines_wanted: str, cmd: list[str], act) -> tuple[str, float]:
+    """Start a launcher in its own process group; call act(proc) when a line starts with lines_wanted."""
+    proc = subprocess.Popen([str(c) for c in cmd], cwd=REPO, env=child_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    output, acted_at = [], None
+    try:
+        for line in proc.stdout:
+            output.append(line)
+            if acted_at is None and line.startswith(lines_wanted):
+                act(proc)
+                acted_at = time.monotonic()
+        proc.wait(timeout=300)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert acted_at is not None, "".join(output)[-3000:]
+    return "".join(output), time.monotonic() - acted_at
+
+
+@pytest.mark.slow
+def test_ctrl_c_on_two_processes_checkpoints_and_exits_cleanly(synth_root, tmp_path):
+    out = tmp_path / "run"
+    cmd = launch_cmd(2, "train.py", "--config", "configs/demo.yaml", *tiny_overrides(synth_root, out, train__epochs=50))
+    # a terminal's Ctrl-C: SIGINT to the whole foreground process group (launcher and both workers)
+    output, _ = launch_until("step 3/", cmd, lambda proc: os.killpg(proc.pid, signal.SIGINT))
+    match = re.search(r"interrupted: checkpoint (\S+) written at step (\d+); the same command resumes; exit 130", output)
+    assert match, output[-3000:]
+    saved, step = checkpoint.step_dir(out, int(match.group(2))), int(match.group(2))
+    assert str(saved) == match.group(1) and step >= 3
+    assert checkpoint.verify(saved)["step"] == step and checkpoint.find_resume(out) == saved
+    assert "KeyboardInterrupt" not in output and "[rank" not in output, output[-3000:]  # no worker traceback
+    assert not list((out / "checkpoints").glob(".tmp_*"))
+
+
+@pytest.mark.slow
+def test_kill_9_of_one_rank_ends_the_run_naming_the_dead_rank(synth_root, tmp_path):
+    cmd = launch_cmd(2, "train.py", "--config", "configs/demo.yaml",
+                     *tiny_overrides(synth_root, tmp_path / "run", train__epochs=50), "dist.timeout_minutes=1")
+    output, seconds_to_exit = launch_until(
+        "step 3/", cmd, lambda proc: os.kill(worker_pids(proc.pid)["1"], signal.SIGKILL))
+    assert seconds_to_exit < 60, output[-3000:]  # within dist.timeout_minutes, not hanging
+    # the survivor: one line, no traceback; the launcher's report: rank 1 died of SIGKILL
+    survivor = [line for line in output.splitlines() if line.startswith("[rank 0] error: a collective failed")]
+    assert len(survivor) == 1, output[-4000:]
+    assert "[rank0]: Traceback" not in output
+    root_cause = output[output.index("Root Cause"):]
+    assert re.search(r"rank\s+: 1 \(local_rank: 1\)\s+exitcode\s+: -9", root_cause), root_cause
+
+
+def test_nan_loss_stops_before_nonfinite_weights_are_saved(synth_root, tmp_path):
+    """optim.lr=1e30, a real user mistake: the first step sends the weights to ~1e30, the next loss is Inf/NaN."""
+    out = tmp_path / "run"
+    result = run([PYTHON, "train.py", "--config", "configs/demo.yaml",
+                  *tiny_overrides(synth_root, out, optim__lr="1e30", checkpoint__every_steps=1)])
+    assert result.returncode == 1
+    assert result.stderr.strip() == ("error: loss is NaN/Inf at step 1 (epoch 0); stopped before any non-finite "
+                                     "weights were saved (train.on_nan=skip skips such steps)"), result.stderr
+    assert not (out / "model.safetensors").exists()
+    saved = checkpoint.complete_checkpoints(out)
+    assert saved, "the step before the NaN was checkpointed"
+    for path in saved:
+        assert all(torch.isfinite(t).all() for t in load_file(str(path / checkpoint.MODEL_FILE)).values())
+
+
+def test_nan_skip_counts_the_skipped_steps(synth_root, tmp_path):
+    result = run([PYTHON, "train.py", "--config", "configs/demo.yaml",
+                  *tiny_overrides(synth_root, tmp_path / "run", optim__lr="1e30", train__on_nan="skip")])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "warning: 3 step(s) skipped for a NaN/Inf loss (train.on_nan=skip)" in result.stdout, result.stdout
+
+
+def limit_file_size(limit_bytes: int):
+    """RLIMIT_FSIZE in the child: a write past it fails (EFBIG) like a full disk; SIGXFSZ ignored so it is an error."""
+    def apply():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, limit_bytes))
+    return apply
+
+
+def test_a_failed_checkpoint_write_keeps_the_previous_checkpoint(synth_root, tmp_path):
+    out = tmp_path / "run"
+    args = [PYTHON, "train.py", "--config", "configs/demo.yaml",
+            *tiny_overrides(synth_root, out, checkpoint__every_steps=1, optim__schedule="constant")]
+    first = run([*args, "train.max_steps=1"])
+    assert first.returncode == 0, first.stderr[-3000:]
+    previous = checkpoint.step_dir(out, 1)
+    before = (previous / checkpoint.MODEL_FILE).read_bytes()
+
+    # the resumed run cannot write its next checkpoint (12 MB of weights, 2 MB allowed per file)
+    second = run([*args, "train.max_steps=3"], preexec_fn=limit_file_size(2 * 2**20))
+    assert second.returncode == 1
+    line = second.stderr.strip()
+    assert "\n" not in line and "Traceback" not in line, second.stderr
+    assert line.startswith(f"error: {out / 'checkpoints'}: writing checkpoint step_00000002 failed ("), line
+    assert line.endswith(f"GiB free there); the previous checkpoint {previous} is intact"), line
+    assert checkpoint.find_resume(out) == previous and checkpoint.verify(previous)["step"] == 1
+    assert (previous / checkpoint.MODEL_FILE).read_bytes() == before
+    assert not list((out / "checkpoints").glob(".*"))  # the partial checkpoint was removed, its space freed
