@@ -136,12 +136,12 @@ def verify(path: Path) -> dict:
     """Cheap integrity check before loading: every file written is there at its size and structurally readable."""
     path = Path(path)
     state = read_trainer_state(path)
-    written = state.get("files") or {MODEL_FILE: state.get("model_bytes", 0)}
+    written = state.get("files") or {MODEL_FILE: None}  # no record of sizes: the structure checks below decide
     for name, size in written.items():
         file = path / name
         if not file.is_file():
             raise CheckpointError(f"{file}: missing")
-        if file.stat().st_size != size:
+        if size is not None and file.stat().st_size != size:
             raise CheckpointError(f"{file}: {file.stat().st_size} bytes but {size} were written (truncated?)")
     weights = path / MODEL_FILE
     try:
