@@ -51,19 +51,22 @@ def test_cached_equals_uncached_at_the_training_size(synth_root, cli_cache):
     assert all(torch.equal(val_plain[k][0], val_cached[k][0]) for k in range(len(val_plain)))
 
 
-def test_cache_stored_larger_than_training_size_differs_only_by_interpolation(synth_root, tmp_path):
-    cfg = config(synth_root, tmp_path / "c", "data.cache.size=[64,128]", "data.scale_range=[0.75,1.25]",
-                 "data.crop_size=[24,48]")
+def test_cache_stored_larger_than_training_size_differs_only_by_interpolation(tmp_path):
+    from cityseg.data.synthetic import write_synthetic
+
+    write_synthetic(tmp_path / "cs", n_train=6, n_val=0, height=128, width=256)
+    augment = ["data.scale_range=[0.75,1.25]", "data.crop_size=[24,48]"]
+    cfg = config(tmp_path / "cs", tmp_path / "c", "data.cache.size=[64,128]", *augment)
     prepare(cfg, ["train"], workers=2)
-    plain, cached = train_dataset(config(synth_root, None, "data.scale_range=[0.75,1.25]", "data.crop_size=[24,48]")), \
-        train_dataset(cfg)
+    plain, cached = train_dataset(config(tmp_path / "cs", None, *augment)), train_dataset(cfg)
     for index in range(len(plain)):
         image, mask, _ = plain[index]
         cached_image, cached_mask, _ = cached[index]
-        # same random scale, crop and flip; labels resize nearest (64x128 -> 32x64 in one or two steps: same pixels)
+        # same random scale, crop and flip; labels resize nearest by 4 in one step or by 2 twice: the same pixels
         assert torch.equal(mask, cached_mask)
-        # bilinear once vs twice: close, not equal (normalized units, std ~ 0.23 of 255)
-        assert (image - cached_image).abs().mean() < 0.15
+        # bilinear once vs twice: close, not equal (normalized units, where 1 is ~58 grey levels)
+        difference = (image - cached_image).abs().mean()
+        assert 0 < difference < 0.15
 
 
 def test_changed_source_file_makes_the_cache_stale(synth_root, tmp_path):
@@ -105,7 +108,8 @@ def test_dataset_sent_to_workers_holds_paths_not_data(synth_root, cli_cache):
     cached = train_dataset(config(synth_root, cli_cache))
     cached[0]
     assert all(isinstance(images, np.memmap) for images, _ in cached.shards)  # pages, not copies
-    assert len(pickle.dumps(cached)) < 20_000  # what each worker receives does not grow with the dataset
+    # what each worker receives: the transform plus paths and offsets, nothing that grows with the data (128 KiB here)
+    assert len(pickle.dumps(cached)) - len(pickle.dumps(cached.transform)) < 2_000
     loader = torch.utils.data.DataLoader(cached, batch_size=4, num_workers=2, collate_fn=collate)
     assert sum(len(batch[0]) for batch in loader) == 16
 
