@@ -98,7 +98,7 @@ def loader_pipelines(cfg, pairs, root: Path, workdir: Path, batch: int) -> dict:
     lut = label_lut(cfg.data.label_scheme)
     split_dir = workdir / "cache" / "train"
     plan = write_cache(pairs, root, split_dir, size, cfg.data.label_scheme, lut)
-    manifest = write_manifest(split_dir, root, pairs, size, cfg.data.label_scheme, plan)
+    write_manifest(split_dir, root, pairs, size, cfg.data.label_scheme, plan)
     manifest = check_manifest(split_dir, root, pairs, size, cfg.data.label_scheme)
 
     def loader(dataset):
