@@ -1,4 +1,4 @@
-"""The `cityseg` command: train, evaluate, predict, export, check, synth — argument parsing and one-line errors."""
+"""The `cityseg` command: train, evaluate, predict, export, check, synth, prepare, bench — argument parsing."""
 from __future__ import annotations
 
 import argparse
@@ -54,6 +54,17 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--deep", action="store_true", help="also decode every image and label")
     check.add_argument("--world-size", type=int, default=None, help="processes the run will have "
                        "(default: WORLD_SIZE, else 1)")
+    prepare = commands.add_parser("prepare", help="decode the dataset once into the shard cache data.cache.dir")
+    _config_args(prepare)
+    prepare.add_argument("--splits", default=None, help="comma-separated (default: data.train_split,data.val_split)")
+    prepare.add_argument("--workers", type=int, default=None, help="decoding processes (default: cores / ranks)")
+    bench = commands.add_parser("bench", help="loader, training-step and precision/process throughput, side by side")
+    _config_args(bench)
+    bench.add_argument("--json", default=None, help="also write the results to this JSON file")
+    bench.add_argument("--quick", action="store_true", help="tiny sizes, one repeat: checks the bench runs")
+    bench.add_argument("--images", type=int, default=None, help="images in the loader comparison")
+    bench.add_argument("--batch", type=int, default=None, help="batch size of the step measurements")
+    bench.add_argument("--repeats", type=int, default=None, help="alternating repeats (the median is reported)")
     synth = commands.add_parser("synth", help="write a synthetic dataset in the Cityscapes layout")
     synth.add_argument("--out", required=True)
     synth.add_argument("--train", type=int, default=24)
@@ -152,8 +163,26 @@ def run_synth(args) -> int:
     return 0
 
 
+def run_prepare(args) -> int:
+    from cityseg.data.cache import prepare
+
+    cfg = load_config(args.config, args.overrides)
+    splits = args.splits.split(",") if args.splits else [cfg.data.train_split, cfg.data.val_split]
+    for manifest in prepare(cfg, splits, args.workers):
+        print(f"wrote {manifest.parent} ({json.loads(manifest.read_text())['num_samples']} samples)")
+    return 0
+
+
+def run_bench(args) -> int:
+    from cityseg.bench import bench
+
+    bench(load_config(args.config, args.overrides), json_path=args.json, quick=args.quick, images=args.images,
+          batch=args.batch, repeats=args.repeats)
+    return 0
+
+
 COMMANDS = {"train": run_train, "evaluate": run_evaluate, "predict": run_predict, "export": run_export,
-            "check": run_check, "synth": run_synth}
+            "check": run_check, "synth": run_synth, "prepare": run_prepare, "bench": run_bench}
 
 
 def main(argv: list[str] | None = None) -> int:

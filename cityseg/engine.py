@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 from cityseg import checkpoint
 from cityseg.config import ConfigError, save_config
 from cityseg.data.cityscapes import skipped_samples
+from cityseg.data.device_augment import augment_batch
 from cityseg.data.loaders import eval_dataset, eval_loader, train_dataset, train_loader
 from cityseg.labels import class_names
 from cityseg.losses import build_loss
@@ -123,6 +124,29 @@ def resume_point(cfg, output_dir: Path, accelerator, say) -> Path | None:
     return Path(chosen[0]) if chosen[0] else None
 
 
+def train_step(accelerator, model, optimizer, loss_fn, images, masks, lr: float, grad_clip: float | None,
+               stop_requested: bool) -> list[float]:
+    """One forward / backward / update in accelerate's accumulation and autocast contexts (also what
+    `cityseg bench` times). Returns [nonfinite, stop_count, loss_sum] agreed by all ranks; a non-finite loss
+    skips the update on every rank."""
+    with accelerator.accumulate(model):
+        with accelerator.autocast():
+            logits = model(images)
+            loss = loss_fn(logits.float(), masks.long())
+        agreed = sum_across_ranks(accelerator, [~torch.isfinite(loss.detach()), stop_requested, loss.detach()])
+        if agreed[0]:
+            optimizer.zero_grad(set_to_none=True)
+            return agreed
+        accelerator.backward(loss)
+        if accelerator.sync_gradients and grad_clip:
+            accelerator.clip_grad_norm_(model.parameters(), grad_clip)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return agreed
+
+
 def train(cfg) -> int:
     """Train per the config; returns the process exit code (0 done, EXIT_REQUEUE after a preemption save)."""
     stop = StopFlag()
@@ -200,30 +224,21 @@ def train(cfg) -> int:
         model.train()
         tick, images_seen, data_wait = time.perf_counter(), 0, DataWait()
         window_loss, window_batches = 0.0, 0  # the logged loss: mean over ranks and the accumulation window
-        for images, masks, _ in data_wait.timed(batches):
+        for images, masks, indices in data_wait.timed(batches):
+            if cfg.data.cache.dir and cfg.data.cache.device_augment:  # the loader sent uint8 samples
+                images, masks = augment_batch(images, masks, indices, cfg.data, cfg.seed, epoch)
             if cfg.train.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
-            with accelerator.accumulate(model):
-                with accelerator.autocast():
-                    logits = model(images)
-                    loss = loss_fn(logits.float(), masks.long())
-                nonfinite, stop_count, loss_sum = sum_across_ranks(
-                    accelerator, [~torch.isfinite(loss.detach()), stop.received is not None, loss.detach()])
-                if nonfinite:
-                    if cfg.train.on_nan == "error":
-                        raise TrainingError(f"loss is NaN/Inf at step {state['step']} (epoch {epoch}); stopped "
-                                            "before any non-finite weights were saved (train.on_nan=skip skips such steps)")
-                    state["nan_skipped"] += 1
-                    optimizer.zero_grad(set_to_none=True)
-                else:
-                    window_loss, window_batches = window_loss + loss_sum, window_batches + 1
-                    accelerator.backward(loss)
-                    if accelerator.sync_gradients and cfg.optim.grad_clip:
-                        accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-                    for group in optimizer.param_groups:
-                        group["lr"] = lr_at(state["step"], total_steps, cfg.optim)
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
+            nonfinite, stop_count, loss_sum = train_step(
+                accelerator, model, optimizer, loss_fn, images, masks, lr_at(state["step"], total_steps, cfg.optim),
+                cfg.optim.grad_clip, stop.received is not None)
+            if nonfinite:
+                if cfg.train.on_nan == "error":
+                    raise TrainingError(f"loss is NaN/Inf at step {state['step']} (epoch {epoch}); stopped "
+                                        "before any non-finite weights were saved (train.on_nan=skip skips such steps)")
+                state["nan_skipped"] += 1
+            else:
+                window_loss, window_batches = window_loss + loss_sum, window_batches + 1
             state["batch_in_epoch"] += 1
             images_seen += images.shape[0] * world
             if not accelerator.sync_gradients:

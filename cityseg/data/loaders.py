@@ -9,6 +9,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Subset
 
+from cityseg.config import ConfigError
+from cityseg.data.cache import CachedPairs, check_manifest, storage_size
 from cityseg.data.cityscapes import CityscapesPairs, collate, find_pairs
 from cityseg.data.transforms import eval_transform, train_transform
 from cityseg.labels import label_lut
@@ -25,16 +27,33 @@ def init_worker(worker_id: int, rank: int, preempt_signals: list[str]) -> None:
     torch.manual_seed(seed)
 
 
+def cached_dataset(cfg, split: str, pairs, transform, raw: bool = False) -> CachedPairs:
+    """The split from data.cache.dir, after checking it was built from these very files at this size."""
+    split_dir = Path(cfg.data.cache.dir) / split
+    manifest = check_manifest(split_dir, cfg.data.root, pairs, storage_size(cfg.data), cfg.data.label_scheme)
+    return CachedPairs(split_dir, manifest, transform, seed=cfg.seed, raw=raw)
+
+
 def train_dataset(cfg, bad_sample_log: Path | None = None) -> CityscapesPairs:
+    if cfg.data.cache.device_augment and not cfg.data.cache.dir:
+        raise ConfigError("data.cache.device_augment: needs data.cache.dir (samples decoded from PNG are "
+                          "augmented on the CPU)")
     pairs = find_pairs(cfg.data.root, cfg.data.train_split)
+    if cfg.data.cache.dir:
+        return cached_dataset(cfg, cfg.data.train_split, pairs, train_transform(cfg.data),
+                              raw=cfg.data.cache.device_augment)
     return CityscapesPairs(pairs, label_lut(cfg.data.label_scheme), train_transform(cfg.data), seed=cfg.seed,
                            on_bad_sample=cfg.data.on_bad_sample, bad_sample_log=bad_sample_log)
 
 
 def eval_dataset(cfg, split: str | None = None, full_resolution: bool = False) -> CityscapesPairs:
-    """Evaluation samples resized to the training size, or at the labels' own resolution."""
-    pairs = find_pairs(cfg.data.root, split or cfg.data.val_split)
+    """Evaluation samples resized to the training size (from the cache when the split is in it), or at the
+    labels' own resolution (always from the files)."""
+    split = split or cfg.data.val_split
+    pairs = find_pairs(cfg.data.root, split)
     size = None if full_resolution else cfg.data.image_size
+    if cfg.data.cache.dir and not full_resolution and (Path(cfg.data.cache.dir) / split).is_dir():
+        return cached_dataset(cfg, split, pairs, eval_transform(cfg.data, size))  # a split not prepared: files
     return CityscapesPairs(pairs, label_lut(cfg.data.label_scheme), eval_transform(cfg.data, size), seed=cfg.seed)
 
 

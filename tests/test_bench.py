@@ -1,0 +1,20 @@
+"""`cityseg bench --quick` runs every measurement on a tiny synthetic set (no speed assertions: that is the report)."""
+import json
+import math
+
+from tests.conftest import cityseg
+
+
+def test_bench_quick_writes_the_table_and_json(tmp_path):
+    out = tmp_path / "bench.json"
+    result = cityseg("bench", "--config", "configs/demo.yaml", "--quick", "--json", out, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "seed-style" in result.stdout and "overhead" in result.stdout
+    report = json.loads(out.read_text())
+    for section, key in [("loader", "seed_img_s"), ("loader", "uncached_img_s"), ("loader", "cached_img_s"),
+                         ("step", "engine_s"), ("step", "bare_s"), ("precision", "bf16_img_s"),
+                         ("processes", "two_by_one_img_s")]:
+        assert report[section][key] > 0 and math.isfinite(report[section][key]), (section, key)
+    step = report["step"]
+    assert math.isclose(step["overhead_pct"], 100 * (step["engine_s"] / step["bare_s"] - 1))
+    assert report["setup"]["images"] == 4 and report["setup"]["source"].startswith("synthetic")
