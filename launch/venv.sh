@@ -11,5 +11,10 @@ fi
 [ -x .venv/bin/python ] || python3 -m venv .venv
 echo "setting up .venv (pip, about 2 minutes the first time)..."
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
-.venv/bin/python -m pip install -q -c constraints.txt -e ".[dev]" 2> >(grep -v "is ignored: it is neither" >&2)
+log=.venv/pip-install.log
+if ! .venv/bin/python -m pip install -q -c constraints.txt -e ".[dev]" >"$log" 2>&1; then
+  grep -v "is ignored: it is neither" "$log" | tail -30 >&2
+  echo "pip install failed; full log: $log" >&2
+  exit 1
+fi
 echo "$want" > "$stamp"
