@@ -54,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--deep", action="store_true", help="also decode every image and label")
     check.add_argument("--world-size", type=int, default=None, help="processes the run will have "
                        "(default: WORLD_SIZE, else 1)")
+    check.add_argument("--gpu", action="store_true", help="judge for a run on CUDA devices even if this machine "
+                       "has none (e.g. checking from a cluster's login node)")
     prepare = commands.add_parser("prepare", help="decode the dataset once into the shard cache data.cache.dir")
     _config_args(prepare)
     prepare.add_argument("--splits", default=None, help="comma-separated (default: data.train_split,data.val_split)")
@@ -126,7 +128,7 @@ def run_check(args) -> int:
     except ConfigError as err:
         print(f"✗ config: {err}")
         return 2
-    checks = run_checks(cfg, deep=args.deep, world_size=args.world_size)
+    checks = run_checks(cfg, deep=args.deep, world_size=args.world_size, cuda=True if args.gpu else None)
     print(format_checks(checks))
     return 0 if all(ok for ok, _, _ in checks) else 1
 

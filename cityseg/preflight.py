@@ -118,12 +118,15 @@ def _guard(checks: list[Check], label: str, func) -> object:
     return value
 
 
-def run_checks(cfg, deep: bool = False, world_size: int | None = None) -> list[Check]:
-    """Everything training needs before it starts; world_size defaults to the launcher's WORLD_SIZE (or 1)."""
+def run_checks(cfg, deep: bool = False, world_size: int | None = None, cuda: bool | None = None) -> list[Check]:
+    """Everything training needs before it starts; world_size defaults to the launcher's WORLD_SIZE (or 1),
+    cuda to what this machine has (True: judge for GPU nodes from a machine without one)."""
     checks: list[Check] = [(True, "config", f"valid; name {cfg.name}, output_dir {cfg.output_dir}")]
     world = world_size or int(os.environ.get("WORLD_SIZE", "1"))
-    cuda = torch.cuda.is_available() and os.environ.get("ACCELERATE_USE_CPU", "") not in ("1", "true", "True")
-    device = f"{torch.cuda.device_count()} CUDA device(s) visible" if cuda else "CPU (gloo between processes)"
+    here = torch.cuda.is_available() and os.environ.get("ACCELERATE_USE_CPU", "") not in ("1", "true", "True")
+    cuda = here if cuda is None else cuda
+    device = (f"{torch.cuda.device_count()} CUDA device(s) visible" if here else "CUDA devices of the run's nodes"
+              ) if cuda else "CPU (gloo between processes)"
 
     def launch():
         check_mixed_precision(cfg.train.mixed_precision, cuda)

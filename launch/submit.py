@@ -53,12 +53,17 @@ def repo_relative(path: str) -> str:
         return str(resolved)
 
 
-def preflight(config: str, overrides: list[str]) -> None:
-    """Run `python -m cityseg check` where that command exists; exit with its message when it fails."""
-    cmd = [sys.executable, "-m", "cityseg", "check", "--config", config, *overrides]
+def script_gpus_per_node() -> int:
+    """The `#SBATCH --gpus-per-node=N` of slurm/train.sh: what the job gets when --gpus-per-node is not given."""
+    found = re.search(r"^#SBATCH --gpus-per-node=(\d+)", (REPO / "slurm" / "train.sh").read_text(), re.M)
+    return int(found.group(1)) if found else 1
+
+
+def preflight(config: str, overrides: list[str], world_size: int, gpu: bool) -> None:
+    """Run `python -m cityseg check` for the job's world size and devices; exit with its message when it fails."""
+    cmd = [sys.executable, "-m", "cityseg", "check", "--config", config, "--world-size", str(world_size),
+           *(["--gpu"] if gpu else []), *overrides]
     result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
-    if result.returncode != 0 and "invalid choice: 'check'" in result.stderr:
-        return  # this version of cityseg has no preflight command
     if result.returncode != 0:
         sys.stderr.write(result.stdout + result.stderr)
         sys.exit(f"error: preflight `{shlex.join(cmd[1:])}` failed (exit {result.returncode}); nothing submitted")
@@ -100,7 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    preflight(config, args.overrides)
+    gpus = args.gpus_per_node if args.gpus_per_node is not None else script_gpus_per_node()
+    preflight(config, args.overrides, world_size=args.nodes * max(gpus, 1), gpu=gpus > 0)
     job_name = args.job_name or cfg.name
     cmd = sbatch_command(args, config, job_name)
     print(f"cd {shlex.quote(str(REPO))} && {shlex.join(cmd)}")

@@ -57,17 +57,18 @@ def final_step(output_dir: Path) -> int:
     return json.loads((output_dir / "metrics.jsonl").read_text().splitlines()[-1])["step"]
 
 
-def test_submit_dry_run_prints_quoted_command_and_submits_nothing(tmp_path):
+def test_submit_dry_run_prints_quoted_command_and_submits_nothing(synth_data, tmp_path):
+    # the preflight runs on this GPU-less machine for 2 nodes x 4 GPUs: fp16 and batch share judged for that job
     cmd = [sys.executable, "launch/submit.py", "--config", CONFIG, "--nodes", "2", "--gpus-per-node", "4",
            "--time", "04:00:00", "--partition", "gpu", "--account", "my lab", "--dry-run",
-           "train.max_steps=5", "tracking.wandb.tags=[a, b]"]
+           f"data.root={synth_data}", "train.mixed_precision=fp16", "train.max_steps=5", "tracking.wandb.tags=[a, b]"]
     result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env={**os.environ, "PATH": "/nonexistent"})
     assert result.returncode == 0, result.stderr
     printed = result.stdout.splitlines()[0].split(" && ", 1)[1]
     assert shlex.split(printed) == [
         "sbatch", "--parsable", "--job-name=demo", "--nodes=2", "--gpus-per-node=4", "--time=04:00:00",
         "--partition=gpu", "--account=my lab", "slurm/train.sh", "--config", CONFIG,
-        "train.max_steps=5", "tracking.wandb.tags=[a, b]"]
+        f"data.root={synth_data}", "train.mixed_precision=fp16", "train.max_steps=5", "tracking.wandb.tags=[a, b]"]
     assert "not submitted" in result.stdout
 
 
