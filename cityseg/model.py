@@ -40,8 +40,10 @@ def load_encoder_weights(model: torch.nn.Module, path: Path) -> None:
     if not path.is_file():
         raise ModelError(f"model.encoder_weights: file {path} not found")
     try:
-        state = load_file(str(path)) if path.suffix == ".safetensors" else torch.load(path, map_location="cpu",
-                                                                                     weights_only=True)
+        if path.suffix == ".safetensors":
+            state = load_file(str(path))
+        else:  # a .pth state dict: tensors only, never a pickle that could run code
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any decode failure is the file's fault
         raise ModelError(f"model.encoder_weights: cannot read {path}: {type(err).__name__}: {err}") from None
     missing, unexpected = model.encoder.load_state_dict(state, strict=False)
