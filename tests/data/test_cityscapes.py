@@ -63,14 +63,35 @@ def test_label_ids_go_through_one_lookup_table(synth_root):
     assert (label[raw == 0] == IGNORE_INDEX).all() and (label[raw == 7] == 0).all()
 
 
-def test_eval_transform_is_deterministic(synth_root):
-    cfg = load_config("configs/demo.yaml", [f"data.root={synth_root}", "data.image_size=[32,64]"])
-    dataset = eval_dataset(cfg)
-    first, second = dataset[3], dataset[3]
-    assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
-    assert first[0].shape == (3, 32, 64) and first[0].dtype == torch.float32
-    full = eval_dataset(cfg, full_resolution=True)[3]
-    assert full[1].shape == (64, 128)
+def plain_resize_normalize(image_path, label_path, height: int, width: int):
+    """The evaluation sample computed without albumentations: cv2 resize, then ImageNet normalization."""
+    import cv2
+
+    rgb = cv2.cvtColor(cv2.imread(str(image_path), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+    resized = cv2.resize(rgb, (width, height), interpolation=cv2.INTER_LINEAR).astype(np.float64) / 255.0
+    normalized = (resized - np.array([0.485, 0.456, 0.406])) / np.array([0.229, 0.224, 0.225])
+    raw = cv2.imread(str(label_path), cv2.IMREAD_UNCHANGED)
+    mask = label_lut("trainid19")[cv2.resize(raw, (width, height), interpolation=cv2.INTER_NEAREST)]
+    return torch.from_numpy(normalized.transpose(2, 0, 1)).float(), torch.from_numpy(mask)
+
+
+def test_eval_sample_is_a_plain_resize_and_normalize_whatever_the_seed_and_epoch(synth_root):
+    """Validation must not be augmented: the same tensors for any seed and epoch, those of resize + normalize."""
+    datasets = [eval_dataset(load_config("configs/demo.yaml", [f"data.root={synth_root}", "data.image_size=[32,64]",
+                                                               f"seed={seed}"])) for seed in (0, 1, 2)]
+    for index in range(len(datasets[0])):
+        expected_image, expected_mask = plain_resize_normalize(*datasets[0].pairs[index], 32, 64)
+        for dataset in datasets:
+            for epoch in (0, 1, 5):
+                dataset.set_epoch(epoch)
+                image, mask, _ = dataset[index]
+                assert image.shape == (3, 32, 64) and image.dtype == torch.float32
+                assert torch.allclose(image, expected_image, atol=1e-4), (index, dataset.seed, epoch)
+                assert torch.equal(mask.long(), expected_mask.long()), (index, dataset.seed, epoch)
+    full = eval_dataset(load_config("configs/demo.yaml", [f"data.root={synth_root}"]), full_resolution=True)
+    image, mask, _ = full[3]
+    expected_image, expected_mask = plain_resize_normalize(*full.pairs[3], 64, 128)  # the labels' own size
+    assert torch.allclose(image, expected_image, atol=1e-4) and torch.equal(mask.long(), expected_mask.long())
 
 
 def test_train_flip_moves_image_and_mask_together(synth_root):
