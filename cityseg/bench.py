@@ -25,10 +25,11 @@ from cityseg.data.cityscapes import CityscapesPairs, DataError, collate, find_pa
 from cityseg.data.device_augment import augment_batch
 from cityseg.data.synthetic import write_synthetic
 from cityseg.data.transforms import IMAGENET_MEAN, IMAGENET_STD, train_transform
-from cityseg.engine import make_accelerator, train_step
 from cityseg.labels import label_lut, num_classes
 from cityseg.losses import build_loss
 from cityseg.model import build_model
+from cityseg.runtime import make_accelerator
+from cityseg.step import train_step
 
 
 # ---- the seed recipe's data path, re-implemented faithfully: PIL, per-sample albumentations, in-loop encoding

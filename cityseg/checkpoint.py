@@ -213,6 +213,31 @@ def update_best(output_dir: str | Path, source: Path, miou: float, step: int) ->
     return True
 
 
+def load_weights(model, path: str | Path) -> None:
+    """Load model.safetensors (never a pickle) into the model; a wrong architecture or class count names the first
+    mismatch."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / MODEL_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint not found")
+    try:
+        state = clean_state_dict(load_file(str(path)))
+    except Exception as err:  # noqa: BLE001 - a partial or foreign file
+        raise CheckpointError(f"{path}: not a readable safetensors checkpoint ({err})") from None
+    own = model.state_dict()
+    for key, tensor in state.items():
+        if key in own and own[key].shape != tensor.shape:
+            raise CheckpointError(f"{path}: {key} has shape {tuple(tensor.shape)} but the model (model.* and "
+                                  f"data.label_scheme of the config) expects {tuple(own[key].shape)}")
+    missing, unexpected = set(own) - set(state), set(state) - set(own)
+    if missing or unexpected:
+        example = sorted(missing or unexpected)[0]
+        raise CheckpointError(f"{path}: does not match model {type(model).__name__} of the config "
+                              f"({len(missing)} tensors missing, {len(unexpected)} unexpected, e.g. {example})")
+    model.load_state_dict(state)
+
+
 def clean_state_dict(state: dict) -> dict:
     """Weights as the bare model names them: accelerate checkpoints keep DDP's 'module.' (and torch.compile's
     '_orig_mod.') prefixes."""

@@ -7,13 +7,15 @@ from pathlib import Path
 import cv2
 import torch
 
+from cityseg.checkpoint import load_weights
 from cityseg.data.cityscapes import LABEL_SUFFIX, DataError
 from cityseg.data.loaders import eval_dataset, eval_loader
-from cityseg.engine import evaluate_loader, load_weights, make_accelerator
 from cityseg.inference import segment_logits, upsampled_argmax
 from cityseg.labels import class_names
-from cityseg.metrics import benchmark_scores, new_confusion, new_instance_stats, update_confusion, update_instance_stats
+from cityseg.metrics import (benchmark_scores, confusion_over, new_confusion, new_instance_stats, update_confusion,
+                             update_instance_stats)
 from cityseg.model import build_model
+from cityseg.runtime import make_accelerator
 
 INSTANCE_SUFFIX = "_gtFine_instanceIds.png"
 
@@ -76,7 +78,7 @@ def evaluate(cfg, weights: str | Path, split: str | None = None) -> dict:
     else:
         def predict(images, size):
             return segment_logits(model, images, size, cfg.eval)
-        confusion = evaluate_loader(model, loader, accelerator, len(names), predict=predict)
+        confusion = confusion_over(model, loader, accelerator, len(names), predict=predict)
     return {"split": split or cfg.data.val_split, "images": len(dataset), "mode": cfg.eval.mode,
             "sliding": cfg.eval.sliding, "flip": cfg.eval.flip,
             **benchmark_scores(confusion, scheme, instance_stats)}

@@ -20,6 +20,19 @@ def update_confusion(confusion: torch.Tensor, predictions: torch.Tensor, targets
     confusion += torch.bincount(pairs, minlength=num_classes * num_classes).view(num_classes, num_classes)
 
 
+@torch.inference_mode()
+def confusion_over(model, loader, accelerator, num_classes: int, predict=None) -> torch.Tensor:
+    """This rank's confusion matrix over its shard, summed over all ranks (each sample counted once)."""
+    model.eval()
+    confusion = new_confusion(num_classes, accelerator.device)
+    for images, masks, _ in loader:
+        images, masks = images.to(accelerator.device), masks.to(accelerator.device)
+        with accelerator.autocast():
+            logits = predict(images, masks.shape[-2:]) if predict else model(images)
+        update_confusion(confusion, logits.argmax(1), masks)
+    return accelerator.reduce(confusion, reduction="sum") if accelerator.num_processes > 1 else confusion
+
+
 def iou_per_class(confusion: torch.Tensor) -> list[float]:
     """TP / (TP + FP + FN) per class; NaN where a class has neither ground truth nor prediction."""
     confusion = confusion.double().cpu()

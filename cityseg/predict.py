@@ -8,13 +8,14 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from cityseg.checkpoint import load_weights
 from cityseg.data.cityscapes import IMAGE_SUFFIX, DataError, read_image
 from cityseg.data.loaders import rank_shard
 from cityseg.data.transforms import eval_transform
-from cityseg.engine import load_weights, make_accelerator
 from cityseg.inference import segment_logits, upsampled_argmax
 from cityseg.labels import class_names, colorize, to_label_ids_lut
 from cityseg.model import build_model
+from cityseg.runtime import make_accelerator
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 # Three sibling trees, not three files side by side: the official evaluator takes every <city>_<seq>_<frame>*.png

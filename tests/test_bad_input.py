@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 
 from cityseg.cli import main as cityseg_main
 from cityseg.data.cityscapes import DataError, find_pairs, read_image, read_pair
-from cityseg.engine import load_weights
+from cityseg.checkpoint import CheckpointError, load_weights
 from cityseg.labels import label_lut
 from cityseg.model import ModelError, build_model
 from cityseg.config import load_config
@@ -180,7 +180,7 @@ def test_weights_of_another_class_count_name_the_mismatched_tensor(tmp_path):
     cfg = load_config("configs/demo.yaml")
     saved = tmp_path / "model.safetensors"
     save_file({k: v.contiguous() for k, v in build_model(cfg.model, 20).state_dict().items()}, str(saved))
-    with pytest.raises(ModelError) as err:
+    with pytest.raises(CheckpointError) as err:
         load_weights(build_model(cfg.model, 19), saved)
     assert re.fullmatch(rf"{re.escape(str(saved))}: segmentation_head\.0\.(weight|bias) has shape \(20,.*\) but the "
                         r"model \(model\.\* and data\.label_scheme of the config\) expects \(19,.*\)", str(err.value)), err.value
@@ -190,7 +190,7 @@ def test_weights_of_another_architecture_are_refused(tmp_path):
     cfg = load_config("configs/demo.yaml")
     saved = tmp_path / "model.safetensors"
     save_file({"encoder.conv.weight": torch.zeros(3, 3)}, str(saved))
-    with pytest.raises(ModelError) as err:
+    with pytest.raises(CheckpointError) as err:
         load_weights(build_model(cfg.model, 19), saved)
     assert "does not match model Unet of the config" in str(err.value)
 
@@ -198,12 +198,12 @@ def test_weights_of_another_architecture_are_refused(tmp_path):
 def test_missing_and_partial_checkpoints_are_named(tmp_path):
     cfg = load_config("configs/demo.yaml")
     model = build_model(cfg.model, 19)
-    with pytest.raises(ModelError, match="checkpoint not found"):
+    with pytest.raises(CheckpointError, match="checkpoint not found"):
         load_weights(model, tmp_path / "nothing_here")
     partial = tmp_path / "model.safetensors"
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(partial))
     truncate(partial)
-    with pytest.raises(ModelError, match="not a readable safetensors checkpoint"):
+    with pytest.raises(CheckpointError, match="not a readable safetensors checkpoint"):
         load_weights(model, partial)
 
 

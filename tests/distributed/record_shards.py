@@ -19,7 +19,7 @@ from torch.utils.data import Dataset, get_worker_info
 
 from cityseg.config import load_config
 from cityseg.data.loaders import train_dataset, train_loader
-from cityseg.engine import make_accelerator
+from cityseg.runtime import make_accelerator
 
 
 class WorkerDraws(Dataset):

@@ -10,7 +10,7 @@ import time
 import torch
 
 from cityseg.config import load_config
-from cityseg.engine import make_accelerator
+from cityseg.runtime import make_accelerator
 
 
 def main() -> int:

@@ -16,7 +16,7 @@ def accelerator_factory():
     """make_accelerator in this process; accelerate's process-wide state is reset afterwards."""
     from accelerate.state import AcceleratorState, GradientState
 
-    from cityseg.engine import make_accelerator
+    from cityseg.runtime import make_accelerator
 
     yield make_accelerator
     AcceleratorState._reset_state(reset_partial_state=True)

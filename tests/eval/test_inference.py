@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from cityseg.engine import load_weights
+from cityseg.checkpoint import load_weights
 from cityseg.inference import segment_logits, sliding_logits, upsampled_argmax, window_starts
 from cityseg.model import build_model
 

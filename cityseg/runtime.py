@@ -1,0 +1,34 @@
+"""The Accelerator built from the config: precision, accumulation, seedable sampler, process-group timeout."""
+from __future__ import annotations
+
+import os
+import sys
+from datetime import timedelta
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DataLoaderConfiguration, InitProcessGroupKwargs
+
+from cityseg.config import ConfigError
+from cityseg.preflight import check_mixed_precision
+
+
+def make_accelerator(cfg) -> Accelerator:
+    """One Accelerator for train, evaluate, predict and bench; refuses launches that would silently misbehave."""
+    check_mixed_precision(cfg.train.mixed_precision, torch.cuda.is_available())
+    accelerator = Accelerator(
+        mixed_precision=cfg.train.mixed_precision,
+        gradient_accumulation_steps=cfg.train.grad_accum,
+        # shuffle of epoch e = permutation seeded by (seed + e): the same on every rank, for any world size, replayable
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed),
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(minutes=cfg.dist.timeout_minutes))],
+    )
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > 1 and accelerator.num_processes == 1:
+        raise ConfigError(f"the launcher started {launched} processes but accelerate found no GPU, so each would "
+                          "train alone on all the data: set ACCELERATE_USE_CPU=1 to train on CPU processes over gloo")
+    launcher_precision = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    if launcher_precision not in ("no", cfg.train.mixed_precision) and accelerator.is_main_process:
+        print(f"warning: the launcher's mixed precision '{launcher_precision}' is ignored; the config's "
+              f"train.mixed_precision '{cfg.train.mixed_precision}' applies", file=sys.stderr)
+    return accelerator
