@@ -175,9 +175,9 @@ def adapt_position(saved: dict, path: Path, shape: dict, steps_per_epoch: int, w
     if saved["batch_in_epoch"]:
         raise CheckpointError(f"{path}: saved mid-epoch by another run shape ({changes}); resume it with the same "
                               "processes, data.batch_size and train.grad_accum, or from an end-of-epoch checkpoint")
-    step = saved["epoch"] * steps_per_epoch
-    warn(f"warning: {path} was saved with {changes}: continuing at epoch {saved['epoch']} = step {step} of this "
-         "run (the result will differ from an uninterrupted run)")
+    step = saved["epochs_done"] * steps_per_epoch
+    warn(f"warning: {path} was saved with {changes}: continuing after epoch {saved['epochs_done']} = step {step} of "
+         "this run (the result will differ from an uninterrupted run)")
     return {**saved, **shape, "step": step}
 
 

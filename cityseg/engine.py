@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from accelerate.utils import broadcast_object_list, set_seed
 
-from cityseg import checkpoint
+from cityseg import checkpoint, resume_check
 from cityseg.config import save_config
 from cityseg.data.cityscapes import skipped_samples
 from cityseg.data.device_augment import augment_batch
@@ -136,15 +136,19 @@ def restore(run: Run, steps_per_epoch: int) -> None:
     # the run shape says what a step and a batch position mean; the LR schedule needs no state: lr_at(step)
     shape = {"world_size": accelerator.num_processes, "batch_size": cfg.data.batch_size,
              "grad_accum": cfg.train.grad_accum}
-    run.state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "best_mIoU": None, "best_step": None,
-                 "nan_skipped": 0, **shape}
+    # "epoch": the epoch (1-based) the latest step belongs to, as every record labels it; "epochs_done": position
+    run.state = {"step": 0, "epoch": 0, "epochs_done": 0, "batch_in_epoch": 0, "best_mIoU": None,
+                 "best_step": None, "nan_skipped": 0, **shape}
     start_from = resume_point(cfg, run.output_dir, accelerator, run.console.print)
     if start_from is not None:
-        saved = checkpoint.read_trainer_state(start_from)
+        for change in resume_check.verdict(cfg, start_from):  # refuses a config that trains something else
+            run.console.print(f"resume: allowed change {change}")
+        saved = resume_check.upgrade_trainer_state(checkpoint.read_trainer_state(start_from))
         run.state.update(checkpoint.adapt_position(saved, start_from, shape, steps_per_epoch, run.console.print))
         try:  # weights, optimizer, scaler, RNG (torch.load weights_only=True)
             accelerator.load_state(str(start_from))
         except Exception as err:  # noqa: BLE001 - name the checkpoint instead of a deep accelerate traceback
+            checkpoint.load_weights(accelerator.unwrap_model(run.model), start_from)  # names the first mismatch
             raise checkpoint.CheckpointError(f"{start_from}: cannot be loaded into this run's model/optimizer "
                                              f"({type(err).__name__}: {str(err).splitlines()[0][:300]})") from None
         run.latest, run.last_saved_step = start_from, run.state["step"]
@@ -160,14 +164,14 @@ def train(cfg) -> int:
     stop.install(cfg.train.preempt_signals)  # first: a signal during setup must not kill the process
     run = setup(cfg)
     run.console.start(run.state["step"])
-    while run.state["step"] < run.total_steps and run.state["epoch"] < cfg.train.epochs:
+    while run.state["step"] < run.total_steps and run.state["epochs_done"] < cfg.train.epochs:
         code = train_epoch(run, stop)
         if code is not None:
             return code
         epoch_done = run.state["batch_in_epoch"] >= len(run.loader)
         if epoch_done:
-            run.state["epoch"], run.state["batch_in_epoch"] = run.state["epoch"] + 1, 0
-        evaluated = ((epoch_done and run.state["epoch"] % cfg.train.eval_every_epochs == 0)
+            run.state["epochs_done"], run.state["batch_in_epoch"] = run.state["epochs_done"] + 1, 0
+        evaluated = ((epoch_done and run.state["epochs_done"] % cfg.train.eval_every_epochs == 0)
                      or run.state["step"] >= run.total_steps)
         if evaluated:
             validate(run)
@@ -179,7 +183,7 @@ def train(cfg) -> int:
 def train_epoch(run: Run, stop: StopFlag) -> int | None:
     """Steps until the epoch (or the schedule) ends; returns an exit code when a stop was agreed and saved."""
     cfg, accelerator, state = run.cfg, run.accelerator, run.state
-    world, epoch = accelerator.num_processes, state["epoch"]
+    world, epoch = accelerator.num_processes, state["epochs_done"]  # 0-based: the data order's seed
     run.loader.set_epoch(epoch)
     run.train_set.set_epoch(epoch)
     skip = state["batch_in_epoch"]
@@ -197,7 +201,7 @@ def train_epoch(run: Run, stop: StopFlag) -> int | None:
             lr_at(state["step"], run.total_steps, cfg.optim), cfg.optim.grad_clip, stop.received is not None)
         if nonfinite:
             if cfg.train.on_nan == "error":
-                raise TrainingError(f"loss is NaN/Inf at step {state['step']} (epoch {epoch}); stopped "
+                raise TrainingError(f"loss is NaN/Inf at step {state['step']} (epoch {epoch + 1}); stopped "
                                     "before any non-finite weights were saved (train.on_nan=skip skips such steps)")
             state["nan_skipped"] += 1
         else:
@@ -206,9 +210,9 @@ def train_epoch(run: Run, stop: StopFlag) -> int | None:
         images_seen += images.shape[0] * world
         if not accelerator.sync_gradients:
             continue
-        state["step"] += 1
+        state["step"], state["epoch"] = state["step"] + 1, epoch + 1  # records count epochs from 1
         elapsed = time.perf_counter() - tick
-        log_step(run, {"step": state["step"], "epoch": epoch,
+        log_step(run, {"step": state["step"], "epoch": state["epoch"],
                        "loss": window_loss / (world * window_batches) if window_batches else math.nan,
                        "lr": run.optimizer.param_groups[0]["lr"], "images_per_s": images_seen / max(elapsed, 1e-9),
                        "data_wait": data_wait.seconds / max(elapsed, 1e-9)})  # fraction of this rank's time
@@ -237,7 +241,7 @@ def validate(run: Run) -> None:
     bare = accelerator.unwrap_model(run.model)
     average_batchnorm_stats(bare, accelerator)  # ranks validate the saved model
     metrics = summarize(confusion_over(bare, run.val_loader, accelerator, len(run.names)), run.names)
-    record = {"epoch": state["epoch"], "step": state["step"], **metrics}
+    record = {"epoch": state["epoch"], "epochs_done": state["epochs_done"], "step": state["step"], **metrics}
     if accelerator.is_main_process:
         append_jsonl(run.output_dir / "metrics.jsonl", record)
     run.console.evaluation(metrics, state["step"], state["epoch"])
@@ -278,6 +282,10 @@ def preempt(run: Run, stop: StopFlag) -> int:
     return code
 
 
+def _rounded(miou: float | None) -> str:
+    return "n/a" if miou is None or math.isnan(miou) else f"{miou:.4f}"
+
+
 def finish(run: Run) -> int:
     """Export the final checkpoint's weights as model.safetensors and close the trackers."""
     state, output_dir = run.state, run.output_dir
@@ -286,7 +294,7 @@ def finish(run: Run) -> int:
     if run.accelerator.is_main_process:  # replaced atomically: never a half-written model.safetensors
         checkpoint.export(run.latest, output_dir, overwrite=True)
     run.console.print(f"done: {state['step']} steps; weights in {output_dir / checkpoint.MODEL_FILE}; best mIoU "
-                      f"{state['best_mIoU']} at step {state['best_step']}")
+                      f"{_rounded(state['best_mIoU'])} at step {state['best_step']}")
     if state["nan_skipped"]:
         run.console.print(f"warning: {state['nan_skipped']} step(s) skipped for a NaN/Inf loss (train.on_nan=skip)")
     for line in skipped_samples(output_dir / "skipped_samples.txt"):

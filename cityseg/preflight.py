@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from cityseg import checkpoint
+from cityseg import checkpoint, resume_check
 from cityseg.config import ConfigError
 from cityseg.data.cityscapes import DataError, find_pairs, read_pair
 from cityseg.labels import class_names, label_lut
@@ -171,23 +171,35 @@ def run_checks(cfg, deep: bool = False, world_size: int | None = None, cuda: boo
         return free >= needed, detail, None
     _guard(checks, "output_dir", output)
 
-    def resume():
-        if cfg.train.resume == "none":
-            return True, "train.resume=none: starting fresh", None
-        if cfg.train.resume != "auto":
-            checkpoint.verify(Path(cfg.train.resume))
-            return True, f"from {cfg.train.resume}", None
-        skipped = []
-        found = checkpoint.find_resume(cfg.output_dir, warn=skipped.append)
-        note = f" ({len(skipped)} broken newer checkpoint(s) skipped)" if skipped else ""
-        return True, (f"from {found}" if found else "no checkpoint in output_dir: starting fresh") + note, None
-    _guard(checks, "resume", resume)
+    _guard(checks, "resume", lambda: resume_plan(cfg))
 
     mode, why = wandb_mode(cfg.tracking.wandb)
     checks.append((not (mode == "online" and "no API key" in why), "W&B", f"{mode} ({why})"))
     seen = [f"{name}={os.environ[name]}" for name in DIST_ENV if name in os.environ]
     checks.append((True, "environment", " ".join(seen) if seen else "no launcher or SLURM variables set"))
     return checks
+
+
+def resume_plan(cfg) -> tuple[bool, str, None]:
+    """What training will start from, with the same verdict the engine gives (a refusal raises ResumeRefused)."""
+    if cfg.train.resume == "none":
+        existing = checkpoint.complete_checkpoints(cfg.output_dir)
+        if existing:
+            return False, (f"{cfg.output_dir} holds checkpoints of an earlier run (newest {existing[-1].name}); with "
+                           "train.resume=none use a new output_dir, or train.resume=auto to continue that run"), None
+        return True, "train.resume=none: starting fresh", None
+    skipped = []
+    if cfg.train.resume != "auto":
+        found = Path(cfg.train.resume)
+        checkpoint.verify(found)
+    else:
+        found = checkpoint.find_resume(cfg.output_dir, warn=skipped.append)
+    if found is None:
+        return True, "no checkpoint in output_dir: starting fresh", None
+    allowed = resume_check.verdict(cfg, found)
+    note = f" ({len(skipped)} broken newer checkpoint(s) skipped)" if skipped else ""
+    changes = f"; allowed changes: {', '.join(allowed)}" if allowed else "; config unchanged"
+    return True, f"from {found}{note}{changes}", None
 
 
 def format_checks(checks: list[Check]) -> str:

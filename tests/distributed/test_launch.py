@@ -52,7 +52,7 @@ def test_bf16_training_with_a_short_last_accumulation_window(synth_root, tmp_pat
     assert result.returncode == 0, result.stderr[-4000:]
     assert "mixed precision bf16; global batch = 4 per process x 1 processes x 3 accumulation = 12" in result.stdout
     steps = read_jsonl(out / "train_log.jsonl")
-    assert [(r["step"], r["epoch"]) for r in steps] == [(1, 0), (2, 0), (3, 1), (4, 1)]
+    assert [(r["step"], r["epoch"]) for r in steps] == [(1, 1), (2, 1), (3, 2), (4, 2)]  # from 1
     assert all(math.isfinite(r["loss"]) for r in steps)
     assert [(m["epoch"], m["step"]) for m in read_jsonl(out / "metrics.jsonl")] == [(1, 2), (2, 4)]
 

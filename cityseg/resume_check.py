@@ -1,0 +1,95 @@
+"""May this config continue that checkpoint? Keys that change what is trained refuse; the others are listed."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from cityseg.config import Config, ConfigError, to_dict
+
+# Keys (or whole sections, ending in ".") that do not change what is trained: how it is run, logged, evaluated,
+# saved and tracked. Any key not matched here or below refuses a resume, so a key added later is safe by default.
+ALLOWED = (
+    "name", "output_dir", "data.num_workers", "data.val_batch_size", "data.val_split", "data.on_bad_sample",
+    "data.cache.dir", "train.resume", "train.preempt_signals", "train.channels_last", "train.compile",
+    "train.log_every", "train.eval_every_epochs", "train.on_nan", "checkpoint.", "eval.", "dist.", "tracking.",
+)
+# May grow (the run trains on), never shrink (a shorter schedule is another run); None means no limit.
+EXTENDABLE = ("train.epochs", "train.max_steps")
+# Run shape: checkpoint.adapt_position decides (an end-of-epoch checkpoint carries over, a mid-epoch one refuses).
+RUN_SHAPE = ("data.batch_size", "train.grad_accum")
+# The rest — model, loss, optim, seed, data (root, splits, sizes, augmentation, label scheme), precision — refuse.
+
+
+class ResumeRefused(ConfigError):
+    """The resolved config trains something else than the checkpoint it would continue (the CLI exits 2)."""
+
+
+def flatten(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def is_allowed(key: str) -> bool:
+    return any(key == rule or (rule.endswith(".") and key.startswith(rule)) for rule in ALLOWED)
+
+
+def _extended(old, new) -> bool:
+    return new is None or (old is not None and new >= old)
+
+
+def compare(saved: dict, current: dict) -> tuple[list[str], list[str]]:
+    """(refused, allowed) changes as 'key old -> new'. A key the saved config lacks (added to cityseg since) counts
+    as its default value then."""
+    old, new = flatten(saved), flatten(current)
+    defaults = flatten(to_dict(Config()))
+    refused, allowed = [], []
+    for key in sorted(set(old) | set(new)):
+        before, after = old.get(key, defaults.get(key)), new.get(key, defaults.get(key))
+        if before == after:
+            continue
+        change = f"{key} {before!r} -> {after!r}"
+        if is_allowed(key) or key in RUN_SHAPE or (key in EXTENDABLE and _extended(before, after)):
+            allowed.append(change)
+        else:
+            refused.append(change)
+    return refused, allowed
+
+
+def saved_config(checkpoint_dir: Path) -> tuple[dict | None, Path | None]:
+    """The config a checkpoint was trained with: its own copy, else its run directory's config.yaml."""
+    for path in (checkpoint_dir / "config.yaml", checkpoint_dir.parent.parent / "config.yaml"):
+        if path.is_file():
+            try:
+                tree = yaml.safe_load(path.read_text())
+            except (OSError, yaml.YAMLError) as err:
+                raise ConfigError(f"{path}: cannot read the run's recorded config ({err})") from None
+            return (tree if isinstance(tree, dict) else {}), path
+    return None, None
+
+
+def verdict(cfg, checkpoint_dir: Path) -> list[str]:
+    """Raise ResumeRefused if cfg may not continue checkpoint_dir; else return the allowed changes (to log)."""
+    saved, source = saved_config(Path(checkpoint_dir))
+    if saved is None:
+        return [f"{checkpoint_dir} records no config.yaml: the config was not compared"]
+    refused, allowed = compare(saved, to_dict(cfg))
+    if refused:
+        raise ResumeRefused(
+            f"{cfg.output_dir}: will not resume {checkpoint_dir}: the config changes what is trained "
+            f"({'; '.join(refused)}; recorded in {source}). To train this config, start a new run (name=<new> or "
+            "output_dir=<new dir>); to continue the old run, undo these changes")
+    return allowed
+
+
+def upgrade_trainer_state(saved: dict) -> dict:
+    """A trainer_state written before "epochs_done" existed: its "epoch" was the count of finished epochs."""
+    if "epochs_done" in saved:
+        return saved
+    done = saved["epoch"]
+    return {**saved, "epochs_done": done, "epoch": done + 1 if saved["batch_in_epoch"] else done}

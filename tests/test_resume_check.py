@@ -1,0 +1,89 @@
+"""Auto-resume continues a run only with a config that trains the same thing; `cityseg check` says so first."""
+from __future__ import annotations
+
+import yaml
+
+from cityseg.config import Config, load_config, to_dict
+from cityseg.resume_check import ALLOWED, compare, flatten, upgrade_trainer_state
+from tests.conftest import PYTHON, cityseg, read_jsonl, run, tiny_overrides
+
+CONFIG = ["--config", "configs/demo.yaml"]
+
+
+def test_training_keys_refuse_and_running_keys_are_allowed():
+    saved = to_dict(load_config("configs/demo.yaml"))
+    current = to_dict(load_config("configs/demo.yaml", ["optim.lr=5e-4", "loss.name=ce", "model.arch=FPN",
+                                                        "train.log_every=1", "data.num_workers=2",
+                                                        "tracking.wandb.mode=offline", "train.epochs=40"]))
+    refused, allowed = compare(saved, current)
+    assert refused == ["loss.name 'dice+ce' -> 'ce'", "model.arch 'Unet' -> 'FPN'", "optim.lr 0.003 -> 0.0005"]
+    assert allowed == ["data.num_workers 0 -> 2", "tracking.wandb.mode 'disabled' -> 'offline'",
+                       "train.epochs 20 -> 40", "train.log_every 5 -> 1"]
+
+
+def test_schedule_may_grow_but_not_shrink():
+    saved = to_dict(load_config("configs/demo.yaml", ["train.max_steps=8"]))
+    grown = to_dict(load_config("configs/demo.yaml", ["train.max_steps=16"]))
+    unlimited = to_dict(load_config("configs/demo.yaml"))
+    shrunk = to_dict(load_config("configs/demo.yaml", ["train.max_steps=4", "train.epochs=10"]))
+    assert compare(saved, grown)[0] == [] and compare(saved, unlimited)[0] == []
+    assert compare(saved, shrunk)[0] == ["train.epochs 20 -> 10", "train.max_steps 8 -> 4"]
+
+
+def test_seed_data_and_label_scheme_refuse_and_a_key_added_since_counts_as_its_default():
+    saved = to_dict(load_config("configs/demo.yaml"))
+    current = to_dict(load_config("configs/demo.yaml", ["seed=1", "data.label_scheme=seed20", "data.hflip=false"]))
+    refused, _ = compare(saved, current)
+    assert [change.split()[0] for change in refused] == ["data.hflip", "data.label_scheme", "seed"]
+    del saved["optim"]["grad_clip"]  # a run recorded before optim.grad_clip existed: default None then
+    assert compare(saved, to_dict(load_config("configs/demo.yaml"))) == ([], [])
+    assert compare(saved, to_dict(load_config("configs/demo.yaml", ["optim.grad_clip=1.0"])))[0] != []
+
+
+def test_every_allowed_rule_names_a_real_key():
+    keys = flatten(to_dict(Config()))
+    for rule in ALLOWED:
+        assert any(key == rule or (rule.endswith(".") and key.startswith(rule)) for key in keys), rule
+
+
+def test_old_trainer_state_epoch_meant_epochs_done():
+    assert upgrade_trainer_state({"epoch": 2, "batch_in_epoch": 0}) == {"epoch": 2, "epochs_done": 2,
+                                                                         "batch_in_epoch": 0}
+    assert upgrade_trainer_state({"epoch": 2, "batch_in_epoch": 3})["epoch"] == 3
+
+
+def test_changed_run_refuses_to_resume_and_allowed_changes_are_logged(synth_root, tmp_path):
+    out = tmp_path / "run"
+    base = tiny_overrides(synth_root, out, train__max_steps=2, train__epochs=2)
+    first = cityseg("train", *CONFIG, *base)
+    assert first.returncode == 0, first.stderr[-3000:]
+    recorded = (out / "config.yaml").read_text()
+
+    changed = cityseg("train", *CONFIG, *base, "optim.lr=5e-4", "loss.name=ce", "model.arch=FPN")
+    assert changed.returncode == 2, changed.stderr[-3000:]
+    line = changed.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: ") and "will not resume" in line and "step_00000002" in line
+    for change in ("optim.lr 0.003 -> 0.0005", "loss.name 'dice+ce' -> 'ce'", "model.arch 'Unet' -> 'FPN'"):
+        assert change in line
+    assert "name=<new>" in line and "Mismatched" not in changed.stderr + changed.stdout
+    assert (out / "config.yaml").read_text() == recorded  # a refused start writes nothing
+
+    check = cityseg("check", *CONFIG, *base, "optim.lr=5e-4")
+    assert check.returncode == 1 and "✗ resume:" in check.stdout and "optim.lr 0.003 -> 0.0005" in check.stdout
+
+    extended = [*base, "train.max_steps=4", "train.log_every=2"]
+    check = cityseg("check", *CONFIG, *extended)
+    assert check.returncode == 0, check.stdout
+    assert "✓ resume: from" in check.stdout and "train.max_steps 2 -> 4" in check.stdout
+
+    resumed = cityseg("train", *CONFIG, *extended)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resume: allowed change train.log_every 1 -> 2" in resumed.stdout
+    assert "resume: allowed change train.max_steps 2 -> 4" in resumed.stdout
+    assert yaml.safe_load((out / "config.yaml").read_text())["train"]["max_steps"] == 4
+    assert [r["step"] for r in read_jsonl(out / "train_log.jsonl")] == [1, 2, 4]
+
+
+def test_train_py_help_names_itself():
+    result = run([PYTHON, "train.py", "--help"])
+    assert result.returncode == 0 and result.stdout.startswith("usage: train.py")
