@@ -201,6 +201,7 @@ class CachedPairs(CityscapesPairs):
 def prepare(cfg, splits: list[str], workers: int | None = None) -> list[Path]:
     """`cityseg prepare`: build the cache of each split; under a launcher the ranks split the shards."""
     from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
     from rich.progress import Progress
 
     from cityseg.data.cityscapes import find_pairs
@@ -208,7 +209,9 @@ def prepare(cfg, splits: list[str], workers: int | None = None) -> list[Path]:
 
     if not cfg.data.cache.dir:
         raise DataError("data.cache.dir: not set; say where the cache goes, e.g. data.cache.dir=/scratch/cityscapes_cache")
-    state = PartialState()
+    # like Accelerator(), honour ACCELERATE_USE_CPU: without it a CPU launch gives N lone processes that each
+    # clear and write the whole split
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
     workers = workers or max(1, (os.cpu_count() or 1) // state.num_processes)
     size, scheme, lut = storage_size(cfg.data), cfg.data.label_scheme, label_lut(cfg.data.label_scheme)
     written = []

@@ -1,4 +1,5 @@
 """The decode-once cache: same samples as the PNG path, stale or foreign caches refused, memmap sharing, batch augment."""
+import json
 import os
 import pickle
 import shutil
@@ -150,11 +151,31 @@ def test_training_from_the_cache_with_device_augment(synth_root, cli_cache, tmp_
 
 
 def test_two_ranks_prepare_one_cache(synth_root, tmp_path):
+    """Shards of 3 samples: 6 shards for 16 images, 3 written by each rank; every sample's stored content equals
+    a single-process prepare's, and no sample is written twice or by the wrong rank."""
+    reference_cfg = config(synth_root, tmp_path / "single")
+    prepare(reference_cfg, ["train"], workers=1)
     cache_dir = tmp_path / "cache"
-    result = run(launch_cmd(2, "-m", "cityseg", "prepare", "--config", "configs/demo.yaml", f"data.root={synth_root}",
-                            "data.image_size=[32,64]", f"data.cache.dir={cache_dir}", "--splits", "train"))
+    result = run(launch_cmd(2, "tests/cache/prepare_small_shards.py", tmp_path / "written", 3, 32, 64, "--",
+                            "--config", "configs/demo.yaml", f"data.root={synth_root}", "data.image_size=[32,64]",
+                            f"data.cache.dir={cache_dir}", "--splits", "train"))
     assert result.returncode == 0, result.stderr[-3000:]
-    assert len(train_dataset(config(synth_root, cache_dir))) == 16
+    manifest = json.loads((cache_dir / "train" / "manifest.json").read_text())
+    assert [shard["count"] for shard in manifest["shards"]] == [3, 3, 3, 3, 3, 1]
+    written = {rank: json.loads((tmp_path / "written" / f"rank{rank}.json").read_text()) for rank in (0, 1)}
+    for rank, slots in written.items():  # shard i belongs to rank i % 2
+        assert sorted({name for name, _ in slots}) == [f"images_{i:03d}.npy" for i in range(rank, 6, 2)], slots
+    assert sum(len(slots) for slots in written.values()) == 16
+    assert len({tuple(slot) for slots in written.values() for slot in slots}) == 16  # none written twice
+
+    cached, single = train_dataset(config(synth_root, cache_dir)), train_dataset(reference_cfg)
+    assert len(cached) == len(single) == 16
+    for index in range(16):
+        image, mask = cached.load(index)
+        reference_image, reference_mask = single.load(index)
+        assert image.shape == (32, 64, 3) and image.any(), index  # written, not the zeros of a fresh shard
+        np.testing.assert_array_equal(image, reference_image, err_msg=str(index))
+        np.testing.assert_array_equal(mask, reference_mask, err_msg=str(index))
 
 
 def test_bad_cache_config_is_one_line(synth_root, tmp_path):
