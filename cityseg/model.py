@@ -6,6 +6,7 @@ from pathlib import Path
 import segmentation_models_pytorch as smp
 import torch
 from safetensors.torch import load_file
+from timm.layers import convert_sync_batchnorm as timm_convert_sync_batchnorm
 
 
 class ModelError(ValueError):
@@ -51,6 +52,21 @@ def load_encoder_weights(model: torch.nn.Module, path: Path) -> None:
         raise ModelError(f"model.encoder_weights: {path} lacks {len(missing)} encoder tensors, e.g. {missing[0]}")
     if unexpected:
         print(f"note: {path}: {len(unexpected)} tensors not used by the encoder, e.g. {unexpected[0]}")
+
+
+def convert_sync_batchnorm(model: torch.nn.Module) -> torch.nn.Module:
+    """BatchNorm layers → SyncBatchNorm, keeping timm's fused BatchNormAct2d activations (torch's own converter
+    turns them into a plain SyncBatchNorm whose forward drops `.act`, with the same state-dict keys)."""
+    return timm_convert_sync_batchnorm(model)
+
+
+def unwrap_for_eval(accelerator, model: torch.nn.Module) -> torch.nn.Module:
+    """The bare model under DDP (and torch.compile), for evaluation and BatchNorm averaging.
+
+    accelerate's default unwrap_model(keep_torch_compile=True) rewires the compiled training model onto the bare
+    one (`compiled._orig_mod = bare`), silently dropping DDP from training: gradients stop being synchronized.
+    """
+    return accelerator.unwrap_model(model, keep_torch_compile=False)
 
 
 def average_batchnorm_stats(model: torch.nn.Module, accelerator) -> None:
