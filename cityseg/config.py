@@ -40,6 +40,7 @@ class DataConfig:
     hflip: bool = True
     scale_range: list[float] = field(default_factory=lambda: [1.0, 1.0])  # random rescale before crop
     crop_size: Optional[list[int]] = None  # [H, W] random crop after scaling; null = no crop
+    photometric: bool = False  # brightness / contrast / saturation / hue jitter (mmseg PhotoMetricDistortion)
     on_bad_sample: Literal["error", "skip"] = "error"
     cache: CacheConfig = field(default_factory=CacheConfig)
 
@@ -54,11 +55,19 @@ class ModelConfig:
 
 @dataclass
 class LossConfig:
-    name: Literal["dice", "ce", "dice+ce"] = "dice"
+    name: Literal["dice", "ce", "dice+ce", "ohem_ce", "weighted_ce"] = "dice"
+    ohem_thresh: float = field(default=0.7, metadata=_range(0.0, 1.0))  # ohem_ce: keep pixels with p(true) below
+    ohem_min_kept: int = field(default=100000, metadata=_range(1))  # ohem_ce: at least this many pixels per batch
+    class_weights: Optional[list[float]] = None  # weighted_ce: one per class; null = the Cityscapes table
 
 
 @dataclass
 class OptimConfig:
+    name: Literal["adamw", "sgd"] = "adamw"
+    momentum: float = field(default=0.9, metadata=_range(0.0, 1.0))  # sgd
+    nesterov: bool = False  # sgd
+    no_decay_norm_bias: bool = False  # no weight decay on normalization weights and biases (1-d parameters)
+    head_lr_mult: float = field(default=1.0, metadata=_range(0.0))  # LR multiplier of everything but the encoder
     lr: float = field(default=1e-3, metadata=_range(0.0))
     weight_decay: float = field(default=0.005, metadata=_range(0.0))
     schedule: Literal["poly", "constant"] = "poly"
@@ -69,8 +78,11 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    epochs: int = field(default=10, metadata=_range(1))
-    max_steps: Optional[int] = field(default=None, metadata=_range(1))  # stop early (smoke runs)
+    epochs: Optional[int] = field(default=10, metadata=_range(1))  # null = iteration-based: train.max_steps
+    max_steps: Optional[int] = field(default=None, metadata=_range(1))  # schedule length in optimizer steps
+    eval_every_steps: int = field(default=0, metadata=_range(0))  # 0 = evaluate every train.eval_every_epochs
+    ema_decay: Optional[float] = field(default=None, metadata=_range(0.0, 1.0))  # EMA of the weights; null = off
+    reference_world_size: Optional[int] = field(default=None, metadata=_range(1))  # the recipe's GPU count
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     grad_accum: int = field(default=1, metadata=_range(1))
     resume: str = "auto"  # auto | none | <checkpoint dir>
@@ -95,6 +107,7 @@ class EvalConfig:
     crop_size: list[int] = field(default_factory=lambda: [512, 1024])  # sliding window [H, W]
     stride: list[int] = field(default_factory=lambda: [341, 683])
     flip: bool = False  # average with the horizontally flipped prediction
+    scales: list[float] = field(default_factory=lambda: [1.0])  # multi-scale test: factors of the network size
 
 
 @dataclass
@@ -252,6 +265,10 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     for name in config.train.preempt_signals:
         if name not in signal.Signals.__members__:
             raise ConfigError(f"{path or 'config'}: train.preempt_signals: unknown signal {name!r} (e.g. SIGUSR1)")
+    if config.train.epochs is None and config.train.max_steps is None:
+        raise ConfigError(f"{path or 'config'}: train.epochs is null (iteration-based) but train.max_steps is not set")
+    if not config.eval.scales or min(config.eval.scales) <= 0:
+        raise ConfigError(f"{path or 'config'}: eval.scales: expected positive factors, e.g. [0.5, 1.0, 1.5]")
     if config.output_dir is None:
         config.output_dir = str(Path("runs") / config.name)
     return config

@@ -1,0 +1,70 @@
+"""Exponential moving average of the weights: updated after each optimizer step, evaluated, saved in checkpoints."""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from cityseg.checkpoint import EMA_FILE, CheckpointError
+
+
+class WeightEMA:
+    """A frozen copy of the model whose floating-point weights and buffers follow the trained ones:
+    ema = d * ema + (1 - d) * weights, with d = min(decay, (1 + step) / (10 + step)) so early averages are not
+    dominated by the random init (timm's warmup). d is a pure function of the step: resuming is exact."""
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        self.source, self.decay = model, decay
+        self.module = copy.deepcopy(model).eval().requires_grad_(False)
+        self.reset_pending = False  # resumed from a checkpoint without EMA: start from the loaded weights
+
+    def decay_at(self, step: int) -> float:
+        return min(self.decay, (1 + step) / (10 + step))
+
+    @torch.no_grad()
+    def update(self, step: int) -> None:
+        decay = 0.0 if self.reset_pending else self.decay_at(step)
+        self.reset_pending = False
+        trained = self.source.state_dict()
+        for name, average in self.module.state_dict().items():
+            if average.is_floating_point():
+                average.lerp_(trained[name].to(average.dtype), 1.0 - decay)
+            else:  # e.g. BatchNorm's num_batches_tracked
+                average.copy_(trained[name])
+
+    def save(self, directory: str | Path) -> None:
+        state = {name: tensor.detach().cpu().contiguous() for name, tensor in self.module.state_dict().items()}
+        save_file(state, str(Path(directory) / EMA_FILE), metadata={"format": "pt"})
+
+    def load(self, directory: str | Path, say=print) -> None:
+        path = Path(directory) / EMA_FILE
+        if not path.is_file():
+            say(f"note: {directory} has no {EMA_FILE}: the EMA starts from the resumed weights")
+            self.reset_pending = True
+            return
+        try:
+            self.module.load_state_dict(load_file(str(path), device="cpu"))
+        except Exception as err:  # noqa: BLE001 - a foreign or truncated file
+            raise CheckpointError(f"{path}: cannot be loaded as this run's EMA weights "
+                                  f"({type(err).__name__}: {str(err).splitlines()[0][:200]})") from None
+
+
+def attach_ema(accelerator, model: torch.nn.Module, decay: float | None, say=print) -> WeightEMA | None:
+    """The EMA of the bare `model` (None when train.ema_decay is null), saved into / loaded from every checkpoint
+    by accelerate's save/load hooks (as safetensors: accelerate's own custom-state files are pickles)."""
+    if decay is None:
+        return None
+    ema = WeightEMA(model, decay)
+
+    def save_hook(models, weights, output_dir):
+        if accelerator.is_main_process:
+            ema.save(output_dir)
+
+    def load_hook(models, input_dir):
+        ema.load(input_dir, say=say)
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)
+    return ema
