@@ -1,0 +1,286 @@
+"""The README and docs/ stay true: links resolve, the quick start runs, every config key and module is documented."""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import importlib.util
+import io
+import os
+import re
+import shlex
+import subprocess
+import sys
+import typing
+from pathlib import Path
+
+import pytest
+
+from cityseg.cli import build_parser
+from cityseg.config import Config, load_config
+from tests.conftest import child_env
+
+REPO = Path(__file__).resolve().parent.parent
+README = REPO / "README.md"
+CONFIG_DOC = REPO / "docs" / "configuration.md"
+ARCHITECTURE_DOC = REPO / "docs" / "architecture.md"
+COMMAND_TIMEOUT_S = 600  # one quick-start command on a loaded 2-core machine; normally a few seconds
+
+
+def doc_files() -> list[Path]:
+    return [README, *sorted((REPO / "docs").glob("*.md"))]
+
+
+def without_code(text: str) -> str:
+    """Markdown with fenced blocks and inline code removed: links are only links outside code."""
+    text = re.sub(r"^```.*?^```", "", text, flags=re.S | re.M)
+    return re.sub(r"`[^`\n]*`", "", text)
+
+
+def heading_anchors(markdown: str) -> set[str]:
+    """The #anchors GitHub gives the headings of a markdown file (lowercase, punctuation dropped, spaces → -)."""
+    anchors, seen = set(), {}
+    for line in re.sub(r"^```.*?^```", "", markdown, flags=re.S | re.M).splitlines():
+        found = re.match(r"#{1,6}\s+(.*?)\s*#*\s*$", line)
+        if not found:
+            continue
+        slug = re.sub(r"[^\w\- ]", "", found.group(1).lower()).replace(" ", "-")
+        anchors.add(slug if slug not in seen else f"{slug}-{seen[slug]}")
+        seen[slug] = seen.get(slug, 0) + 1
+    return anchors
+
+
+# ---- links -------------------------------------------------------------------------------------------------------
+
+def test_every_relative_link_resolves():
+    broken = []
+    for doc in doc_files():
+        for target in re.findall(r"\[[^\]]*\]\(([^)\s]+)\)", without_code(doc.read_text())):
+            if re.match(r"[a-z]+:", target):  # https:, mailto:
+                continue
+            path_part, _, anchor = target.partition("#")
+            resolved = (doc.parent / path_part).resolve() if path_part else doc
+            where = f"{doc.relative_to(REPO)}: link ({target})"
+            if not resolved.exists():
+                broken.append(f"{where}: {resolved.relative_to(REPO) if resolved.is_relative_to(REPO) else resolved} "
+                              "does not exist")
+            elif anchor and resolved.suffix == ".md" and anchor not in heading_anchors(resolved.read_text()):
+                broken.append(f"{where}: no heading with anchor #{anchor} in {resolved.relative_to(REPO)}")
+    assert not broken, "broken links (fix the link or the file/heading it points to):\n" + "\n".join(broken)
+
+
+# ---- the configuration reference ---------------------------------------------------------------------------------
+
+def config_keys(cls=Config, prefix: str = "") -> dict[str, tuple[object, object]]:
+    """Every dotted leaf key of the config dataclasses → (type hint, default)."""
+    keys = {}
+    hints = typing.get_type_hints(cls)
+    for field in dataclasses.fields(cls):
+        hint = hints[field.name]
+        if dataclasses.is_dataclass(hint):
+            keys.update(config_keys(hint, f"{prefix}{field.name}."))
+            continue
+        default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
+        keys[prefix + field.name] = (hint, default)
+    return keys
+
+
+def render_type(hint) -> str:
+    """How the type column spells a type hint: int, list[int], `a / b` for a choice, `X or null` for Optional."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is typing.Union and type(None) in args:
+        return f"{render_type(next(a for a in args if a is not type(None)))} or null"
+    if origin is typing.Literal:
+        return " / ".join(str(a) for a in args)
+    if origin is list:
+        return f"list[{render_type(args[0])}]"
+    return getattr(hint, "__name__", str(hint))
+
+
+def render_value(value) -> str:
+    """How the default column spells a default, as in YAML: null, true, [256, 512], 0.001, auto."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list):
+        return "[" + ", ".join(render_value(item) for item in value) + "]"
+    if isinstance(value, str):
+        return value if value else '""'
+    return repr(value)
+
+
+def documented_rows(markdown: str) -> list[tuple[int, str, str, str]]:
+    """(line number, key, type, default) of each table row whose first cell is one backquoted dotted key."""
+    rows = []
+    for number, line in enumerate(markdown.splitlines(), 1):
+        cells = [cell.strip() for cell in re.split(r"(?<!\\)\|", line.strip())[1:-1]]
+        if len(cells) >= 3 and re.fullmatch(r"`[a-z_][a-z0-9_.]*`", cells[0]):
+            rows.append((number, cells[0].strip("`"), cells[1].replace("`", ""), cells[2].replace("`", "")))
+    return rows
+
+
+def test_configuration_doc_lists_every_key_once_with_its_type_and_default():
+    doc = CONFIG_DOC.relative_to(REPO)
+    keys = config_keys()
+    rows = documented_rows(CONFIG_DOC.read_text())
+    problems = []
+    seen = {}
+    for number, key, type_text, default_text in rows:
+        if key in seen:
+            problems.append(f"{doc}:{number}: `{key}` is documented twice (also line {seen[key]}): keep one row")
+            continue
+        seen[key] = number
+        if key not in keys:
+            problems.append(f"{doc}:{number}: `{key}` is not a key of cityseg/config.py: remove the row, or fix "
+                            "the name")
+            continue
+        hint, default = keys[key]
+        if type_text != render_type(hint):
+            problems.append(f"{doc}:{number}: type of `{key}` is '{type_text}', config.py says "
+                            f"'{render_type(hint)}': write {render_type(hint)} in the type column")
+        if default_text != render_value(default):
+            problems.append(f"{doc}:{number}: default of `{key}` is '{default_text}', config.py says "
+                            f"'{render_value(default)}': write `{render_value(default)}` in the default column")
+    for key, (hint, default) in keys.items():
+        if key not in seen:
+            problems.append(f"{doc}: `{key}` (cityseg/config.py) is not documented: add this row to the table of "
+                            f"its section:\n    | `{key}` | {render_type(hint)} | `{render_value(default)}` | "
+                            "<what it does> |")
+    assert not problems, "docs/configuration.md and cityseg/config.py disagree:\n" + "\n".join(problems)
+
+
+# ---- the architecture map ----------------------------------------------------------------------------------------
+
+def test_architecture_map_names_every_module_and_no_other():
+    doc = ARCHITECTURE_DOC.relative_to(REPO)
+    on_disk = {str(path.relative_to(REPO)) for path in (REPO / "cityseg").rglob("*.py")
+               if path.name != "__init__.py" and "__pycache__" not in path.parts}
+    named = set(re.findall(r"`(cityseg/[\w/]+\.py)`", ARCHITECTURE_DOC.read_text()))
+    missing = sorted(on_disk - named)
+    extra = sorted(path for path in named - on_disk if not (REPO / path).exists())
+    problems = [f"{doc}: {path} exists but is not in the map: add a row | `{path}` | <floor> | <role> |"
+                for path in missing]
+    problems += [f"{doc}: `{path}` is in the map but does not exist: remove or rename its row" for path in extra]
+    assert not problems, "\n".join(problems)
+
+
+# ---- the README's commands ---------------------------------------------------------------------------------------
+
+def bash_commands(markdown: str) -> list[str]:
+    """Commands of the ```bash blocks in a markdown text: comments dropped, backslash continuations joined."""
+    commands = []
+    for block in re.findall(r"^```bash\n(.*?)^```", markdown, flags=re.S | re.M):
+        for command in block.replace("\\\n", " ").splitlines():
+            command = re.sub(r"\s+#\s.*$", "", command).strip()
+            if command and not command.startswith("#"):
+                commands.append(command)
+    return commands
+
+
+def quick_start_commands() -> list[str]:
+    """The bash commands of the README's first `## ` section."""
+    sections = re.split(r"^## ", README.read_text(), flags=re.M)
+    assert len(sections) > 1, "README.md has no `## ` section: the quick start must be the first one"
+    commands = bash_commands(sections[1])
+    assert commands, f"README.md: the first section ({sections[1].splitlines()[0]!r}) has no ```bash block"
+    return commands
+
+
+def run_for_real(command: str, cwd: Path, env: dict) -> subprocess.CompletedProcess:
+    """Run one README command in a shell, as a user would type it; a short train run if it is `cityseg train`."""
+    argv = shlex.split(command)
+    if argv[:2] == ["cityseg", "train"]:
+        command += " train.max_steps=2"  # the quick start's full run takes minutes; two steps prove it starts
+    try:
+        return subprocess.run(command, shell=True, cwd=cwd, env=env, capture_output=True, text=True,
+                              timeout=COMMAND_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"README quick start: `{command}` did not finish within {COMMAND_TIMEOUT_S} s")
+
+
+def test_quick_start_runs_as_written(tmp_path):
+    """Each quick-start command, in order, in a fresh directory with the repository's configs/ (the demo data)."""
+    (tmp_path / "configs").symlink_to(REPO / "configs")
+    venv_bin = Path(sys.executable).parent  # what `source .venv/bin/activate` puts first on PATH
+    env = child_env(PATH=f"{venv_bin}{os.pathsep}{os.environ['PATH']}")
+    ran = []
+    for command in quick_start_commands():
+        argv = shlex.split(command)
+        if argv[0] == "bash":  # launch/venv.sh: installing again would take minutes; check it is a valid script
+            script = REPO / argv[1]
+            assert script.is_file(), f"README quick start: `{command}`: {argv[1]} does not exist"
+            result = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True, timeout=60)
+        elif argv[0] == "source":  # what it does (venv bin first on PATH) is what env above does
+            target = REPO / argv[1]
+            assert target.is_file(), f"README quick start: `{command}`: {target} does not exist (run launch/venv.sh)"
+            assert (target.parent / "cityseg").is_file(), f"README quick start: no cityseg in {target.parent}"
+            continue
+        elif argv[0] in ("cityseg", "python"):
+            result = run_for_real(command, tmp_path, env)
+        else:
+            pytest.fail(f"README quick start: `{command}`: tests/test_docs.py does not know how to run a "
+                        f"`{argv[0]}` command; add a rule to test_quick_start_runs_as_written")
+        assert result.returncode == 0, (f"README quick start: `{command}` exited {result.returncode}:\n"
+                                        f"{(result.stdout + result.stderr)[-3000:]}")
+        ran.append(argv[:2])
+    assert ["cityseg", "train"] in ran, "README quick start: no `cityseg train` command"
+    # What the quick start promises to leave behind.
+    assert (tmp_path / "runs" / "demo" / "model.safetensors").is_file(), "quick start: no runs/demo/model.safetensors"
+    if ["cityseg", "predict"] in ran:
+        written = list((tmp_path / "runs" / "demo" / "predictions" / "labelIds").rglob("*.png"))
+        assert written, "quick start: predict wrote no runs/demo/predictions/labelIds/**/*.png"
+
+
+def readme_command_lines() -> list[str]:
+    """Every `cityseg …`, `python train.py …`, `python launch/submit.py …` and `accelerate launch …` in the README,
+    from its bash blocks and its inline code."""
+    text = README.read_text()
+    candidates = bash_commands(text) + re.findall(r"`([^`\n]+)`", without_fences(text))
+    starts = ("cityseg ", "python train.py ", "python launch/submit.py ", "accelerate launch ")
+    lines = []
+    for line in candidates:
+        line = re.sub(r"^[A-Z_]+=\S+\s+", "", line)  # ACCELERATE_USE_CPU=1 ...
+        if line.startswith(starts) and "--config" in line:
+            lines.append(line)
+    return lines
+
+
+def without_fences(text: str) -> str:
+    return re.sub(r"^```.*?^```", "", text, flags=re.S | re.M)
+
+
+def parse_readme_command(argv: list[str], submit) -> object:
+    """The parsed arguments of one README command, by the parser that will read it (raises SystemExit like it)."""
+    if argv[0] == "accelerate":  # the launcher's own flags are accelerate's; check what it starts
+        argv = argv[argv.index("train.py"):] if "train.py" in argv else argv[argv.index("-m") + 1:]
+    if argv[:2] == ["python", "launch/submit.py"]:
+        return submit.parse_args(argv[2:])
+    if argv[:2] == ["python", "train.py"]:
+        argv = argv[1:]
+    if argv[0] == "train.py":
+        return build_parser().parse_args(["train", *argv[1:]])
+    if argv[0] == "cityseg":
+        return build_parser().parse_args(argv[1:])
+    raise AssertionError(f"tests/test_docs.py has no rule for a `{argv[0]}` command")
+
+
+def test_every_readme_command_parses_and_its_config_loads():
+    """Flags the parsers know, configs that exist, override keys that the config accepts; in-process, so fast."""
+    spec = importlib.util.spec_from_file_location("readme_submit", REPO / "launch" / "submit.py")
+    submit = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(submit)
+    problems = []
+    lines = readme_command_lines()
+    assert len(lines) >= 5, f"README.md: expected its example commands, found only {lines}"
+    for line in lines:
+        argparse_says = io.StringIO()
+        try:
+            with contextlib.redirect_stderr(argparse_says):
+                args = parse_readme_command(shlex.split(line), submit)
+            load_config(REPO / args.config, args.overrides)
+        except SystemExit:  # argparse printed usage and the problem, then exited 2
+            said = argparse_says.getvalue().strip().splitlines() or ["exit 2"]
+            problems.append(f"README.md: `{line}`: {said[-1]}")
+        except Exception as err:  # ConfigError names the key
+            problems.append(f"README.md: `{line}`: {type(err).__name__}: {err}")
+    assert not problems, "README commands that would not run:\n" + "\n".join(problems)
