@@ -18,6 +18,7 @@ from cityseg.model import build_model
 from cityseg.runtime import make_accelerator
 
 INSTANCE_SUFFIX = "_gtFine_instanceIds.png"
+AUG_TEST_SCALES = [0.5, 0.75, 1.0, 1.25, 1.5, 1.75]  # mmsegmentation's Cityscapes aug test (img_ratios), with flip
 
 
 def instance_path(label_path: Path) -> Path:
@@ -56,8 +57,11 @@ def full_resolution_pass(model, loader, dataset, accelerator, cfg, with_instance
     return confusion, instance_stats
 
 
-def evaluate(cfg, weights: str | Path, split: str | None = None) -> dict:
-    """Metrics of saved weights on a split per eval.* (mode, sliding, flip); every rank returns the same dict."""
+def evaluate(cfg, weights: str | Path, split: str | None = None, aug_test: bool = False) -> dict:
+    """Metrics of saved weights on a split per eval.* (mode, sliding, flip, scales); every rank returns the same
+    dict. aug_test: multi-scale + flip as mmsegmentation's aug test (eval.scales = AUG_TEST_SCALES, eval.flip)."""
+    if aug_test:
+        cfg.eval.scales, cfg.eval.flip = list(AUG_TEST_SCALES), True
     accelerator = make_accelerator(cfg)
     scheme, full = cfg.data.label_scheme, cfg.eval.mode == "full"
     names = class_names(scheme)
@@ -80,5 +84,5 @@ def evaluate(cfg, weights: str | Path, split: str | None = None) -> dict:
             return segment_logits(model, images, size, cfg.eval)
         confusion = confusion_over(model, loader, accelerator, len(names), predict=predict)
     return {"split": split or cfg.data.val_split, "images": len(dataset), "mode": cfg.eval.mode,
-            "sliding": cfg.eval.sliding, "flip": cfg.eval.flip,
+            "sliding": cfg.eval.sliding, "flip": cfg.eval.flip, "scales": list(cfg.eval.scales),
             **benchmark_scores(confusion, scheme, instance_stats)}

@@ -1,4 +1,5 @@
-"""Logits of a batch the way evaluation and prediction need them: resized input, sliding window, flip averaging."""
+"""Logits of a batch the way evaluation and prediction need them: resized input, sliding window, flip averaging,
+multi-scale (mmsegmentation's aug test)."""
 from __future__ import annotations
 
 import torch
@@ -43,7 +44,11 @@ def sliding_logits(model: torch.nn.Module, images: torch.Tensor, crop: list[int]
 
 
 def segment_logits(model: torch.nn.Module, images: torch.Tensor, net_size: list[int], eval_cfg) -> torch.Tensor:
-    """Float logits at the network size: images resized to net_size, whole or sliding (eval.*), flip-averaged."""
+    """Float logits at the network size: images resized to net_size, whole or sliding (eval.*), flip-averaged;
+    with eval.scales other than [1.0], the log of the multi-scale averaged probabilities (see multi_scale_logits)."""
+    scales = [float(s) for s in getattr(eval_cfg, "scales", None) or [1.0]]
+    if scales != [1.0]:
+        return multi_scale_logits(model, images, net_size, eval_cfg, scales)
     if list(images.shape[-2:]) != list(net_size):
         # bilinear, half-pixel centres, no antialias: what cv2.INTER_LINEAR did to the training images
         images = F.interpolate(images, size=tuple(net_size), mode="bilinear", align_corners=False)
@@ -57,6 +62,33 @@ def segment_logits(model: torch.nn.Module, images: torch.Tensor, net_size: list[
     if eval_cfg.flip:
         logits = (logits + run(images.flip(-1)).flip(-1)) / 2
     return logits
+
+
+def multi_scale_logits(model: torch.nn.Module, images: torch.Tensor, net_size: list[int], eval_cfg,
+                       scales: list[float]) -> torch.Tensor:
+    """mmsegmentation's aug test: the input resized to each scale x net_size (and flipped with eval.flip), each
+    prediction's softmax resized back to net_size, the probabilities averaged. Returns their log: an argmax, a
+    softmax or a bilinear upsampling of it behaves as of logits."""
+    total, count = None, 0
+    for scale in scales:
+        size = [max(1, round(net_size[0] * scale)), max(1, round(net_size[1] * scale))]
+        batch = images
+        if list(images.shape[-2:]) != size:
+            batch = F.interpolate(images, size=tuple(size), mode="bilinear", align_corners=False)
+        for flipped in ((False, True) if eval_cfg.flip else (False,)):
+            if eval_cfg.sliding:
+                logits = sliding_logits(model, batch.flip(-1) if flipped else batch, eval_cfg.crop_size,
+                                        eval_cfg.stride)
+            else:
+                logits = forward_padded(model, batch.flip(-1) if flipped else batch).float()
+            logits = logits.flip(-1) if flipped else logits
+            if size != list(net_size):
+                logits = F.interpolate(logits, size=tuple(net_size), mode="bilinear", align_corners=False)
+            probabilities = logits.softmax(1)
+            total = probabilities if total is None else total + probabilities
+            count += 1
+    # tiny, not 0: log(0) = -inf would turn into NaN where a later bilinear upsampling weighs it by 0
+    return (total / count).clamp_min(torch.finfo(total.dtype).tiny).log()
 
 
 def upsampled_argmax(logits: torch.Tensor, out_size) -> torch.Tensor:

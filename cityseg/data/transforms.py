@@ -1,10 +1,14 @@
-"""Albumentations pipelines: train (resize, flip, optional scale + crop, normalize) and deterministic eval."""
+"""Albumentations pipelines: train (resize, optional scale + crop, flip, photometric, normalize) and deterministic
+eval."""
 from __future__ import annotations
 
 import albumentations as A
 import cv2
+import numpy as np
+import torch
 from albumentations.pytorch import ToTensorV2
 
+from cityseg.data.photometric import distort, draw_params
 from cityseg.labels import IGNORE_INDEX
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -25,6 +29,8 @@ def train_transform(data_cfg) -> A.Compose:
         ]
     if data_cfg.hflip:
         steps.append(A.HorizontalFlip(p=0.5))
+    if getattr(data_cfg, "photometric", False):
+        steps.append(PhotometricDistortion())
     steps += [A.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD), ToTensorV2()]
     return A.Compose(steps)
 
@@ -41,3 +47,22 @@ def eval_transform(data_cfg, size: list[int] | None = None) -> A.Compose:
 def sample_seed(seed: int, epoch: int, index: int) -> int:
     """Augmentation seed of one sample in one epoch: replays exactly after a resume, whatever the worker layout."""
     return (seed * 1_000_003 + epoch * 100_003 + index) % (2**32)
+
+
+class PhotometricDistortion(A.ImageOnlyTransform):
+    """mmseg's PhotoMetricDistortion on a uint8 RGB image; drawn from the pipeline's generator, which the dataset
+    seeds per sample, so a sample's distortion replays after a resume."""
+
+    def __init__(self):
+        super().__init__(p=1.0)
+
+    def get_params(self) -> dict:
+        return {"photometric": draw_params(self.random_generator)}
+
+    def apply(self, img: np.ndarray, photometric=None, **params) -> np.ndarray:
+        pixels = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1).float()
+        out = distort(pixels, photometric).round().clamp(0, 255).to(torch.uint8)
+        return out.permute(1, 2, 0).numpy()
+
+    def get_transform_init_args_names(self) -> tuple:
+        return ()

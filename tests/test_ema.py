@@ -1,0 +1,75 @@
+"""EMA of the weights: the update rule, validated and exported instead of the raw weights, exact on resume."""
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from cityseg.ema import WeightEMA
+from tests.conftest import PYTHON, cityseg, read_jsonl, run, tiny_overrides
+
+
+def test_update_follows_the_warmed_up_decay():
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
+    ema = WeightEMA(model, decay=0.99)
+    start = {k: v.clone() for k, v in ema.module.state_dict().items()}
+    with torch.no_grad():
+        for tensor in model.state_dict().values():
+            if tensor.is_floating_point():
+                tensor.add_(1.0)
+        model[1].num_batches_tracked.fill_(7)
+    ema.update(step=1)
+    decay = min(0.99, 2 / 11)
+    for name, value in ema.module.state_dict().items():
+        trained = model.state_dict()[name]
+        if value.is_floating_point():
+            assert torch.allclose(value, decay * start[name] + (1 - decay) * trained), name
+        else:
+            assert torch.equal(value, trained), name
+    assert ema.decay_at(10**6) == 0.99
+    assert not any(p.requires_grad for p in ema.module.parameters())
+
+
+def train(synth_root, out, *extra):
+    overrides = tiny_overrides(synth_root, out, train__ema_decay=0.8, checkpoint__every_steps=2,
+                               checkpoint__keep_last=4, optim__lr=0.01)
+    result = run([PYTHON, "train.py", "--config", "configs/demo.yaml", *overrides, *extra])
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def test_ema_is_saved_validated_exported_and_exact_on_resume(synth_root, tmp_path):
+    straight = tmp_path / "straight"
+    train(synth_root, straight)  # 16 images / batch 4: 4 steps, checkpoints at 2 and 4
+    step2, step4 = straight / "checkpoints" / "step_00000002", straight / "checkpoints" / "step_00000004"
+    ema4 = load_file(str(step4 / "ema.safetensors"))
+    raw4 = load_file(str(step4 / "model.safetensors"))
+    assert any(not torch.equal(ema4[k], raw4[k]) for k in ema4 if ema4[k].is_floating_point())
+    exported = load_file(str(straight / "model.safetensors"))
+    assert all(torch.equal(exported[k], ema4[k]) for k in ema4)  # what was validated is what is exported
+
+    resumed = tmp_path / "resumed"
+    train(synth_root, resumed, f"train.resume={step2}")
+    again = load_file(str(resumed / "checkpoints" / "step_00000004" / "ema.safetensors"))
+    assert sorted(again) == sorted(ema4)
+    for name in ema4:
+        assert torch.equal(again[name], ema4[name]), name
+
+    out = tmp_path / "eval.json"  # the last validation was of the EMA weights: evaluate reproduces it
+    result = cityseg("evaluate", "--config", straight / "config.yaml", "--checkpoint", straight / "model.safetensors",
+                     "--json", out, "data.num_workers=0")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads(out.read_text())["mIoU"] == pytest.approx(read_jsonl(straight / "metrics.jsonl")[-1]["mIoU"],
+                                                                abs=1e-6)
+
+
+def test_resuming_a_checkpoint_without_ema_starts_it_from_the_weights(synth_root, tmp_path):
+    plain = tmp_path / "plain"
+    overrides = tiny_overrides(synth_root, plain, checkpoint__every_steps=2, checkpoint__keep_last=4)
+    assert run([PYTHON, "train.py", "--config", "configs/demo.yaml", *overrides]).returncode == 0
+    later = tmp_path / "later"
+    shutil.copytree(plain / "checkpoints" / "step_00000002", tmp_path / "step_00000002")
+    result = train(synth_root, later, f"train.resume={tmp_path / 'step_00000002'}")
+    assert "has no ema.safetensors" in result.stdout + result.stderr
+    assert (later / "checkpoints" / "step_00000004" / "ema.safetensors").is_file()

@@ -1,0 +1,73 @@
+"""Optimizer choices (SGD / AdamW, no decay on norms and biases, head LR multiplier), the linear scaling rule, and
+the iteration-based schedule of a real run (evaluations and checkpoints every N steps across epochs)."""
+import math
+
+import pytest
+import torch
+
+from cityseg.config import OptimConfig, load_config
+from cityseg.model import build_model
+from cityseg.optim import build_optimizer, lr_at, scaled_lr_factor, set_lr
+from tests.conftest import PYTHON, read_jsonl, run, tiny_overrides
+
+
+def model():
+    return build_model(load_config(None).model, 19)
+
+
+def test_default_is_one_adamw_group_as_before():
+    optimizer = build_optimizer(model(), OptimConfig())
+    assert isinstance(optimizer, torch.optim.AdamW) and len(optimizer.param_groups) == 1
+    assert optimizer.param_groups[0]["weight_decay"] == 0.005
+
+
+def test_sgd_with_momentum_and_nesterov():
+    optimizer = build_optimizer(model(), OptimConfig(name="sgd", lr=0.01, momentum=0.8, nesterov=True,
+                                                     weight_decay=5e-4))
+    assert isinstance(optimizer, torch.optim.SGD)
+    group = optimizer.param_groups[0]
+    assert (group["momentum"], group["nesterov"], group["weight_decay"]) == (0.8, True, 5e-4)
+
+
+def test_no_decay_on_norm_and_bias_and_head_lr_multiplier():
+    net = model()
+    optimizer = build_optimizer(net, OptimConfig(no_decay_norm_bias=True, head_lr_mult=10.0, weight_decay=0.01))
+    names = {id(p): n for n, p in net.named_parameters()}
+    seen = []
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            name = names[id(param)]
+            seen.append(name)
+            assert group["weight_decay"] == (0.0 if param.ndim <= 1 else 0.01), name
+            assert group["lr_mult"] == (1.0 if name.startswith("encoder.") else 10.0), name
+    assert sorted(seen) == sorted(names.values())  # every parameter exactly once
+    assert any(".bn" in n or "norm" in n or n.endswith(".bias") for n in seen)
+    first = optimizer.param_groups[0]
+    assert first["lr_mult"] == 1.0 and first["weight_decay"] == 0.01  # the logged LR is the encoder's
+    set_lr(optimizer, 0.5)
+    assert {g["lr"] for g in optimizer.param_groups} == {0.5, 5.0}
+
+
+def test_linear_scaling_rule():
+    assert scaled_lr_factor(4, None) == 1.0 and scaled_lr_factor(4, 4) == 1.0
+    assert scaled_lr_factor(2, 8) == 0.25 and scaled_lr_factor(8, 4) == 2.0
+
+
+def test_iteration_based_schedule_evaluates_and_checkpoints_every_n_steps(synth_root, tmp_path):
+    """16 images / batch 4 = 4 steps per epoch; train.max_steps=10 spans 3 epochs; eval every 4, checkpoint every 5."""
+    out = tmp_path / "run"
+    overrides = [o for o in tiny_overrides(synth_root, out, train__max_steps=10, train__eval_every_steps=4,
+                                           checkpoint__every_steps=5, checkpoint__keep_last=5, optim__lr=0.01,
+                                           optim__schedule="poly", optim__poly_power=1.0)
+                 if not o.startswith("train.epochs=")] + ["train.epochs=null"]
+    result = run([PYTHON, "train.py", "--config", "configs/demo.yaml", *overrides])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [r["step"] for r in read_jsonl(out / "metrics.jsonl")] == [4, 8, 10]
+    logged = read_jsonl(out / "train_log.jsonl")
+    assert [r["step"] for r in logged] == list(range(1, 11)) and logged[-1]["epoch"] == 3
+    for record in logged:  # the poly decay spans the 10 steps, not the epochs
+        assert record["lr"] == pytest.approx(0.01 * (1 - (record["step"] - 1) / 10)), record
+    steps = sorted(p.name for p in (out / "checkpoints").glob("step_*"))
+    assert steps == ["step_00000004", "step_00000005", "step_00000008", "step_00000010"], steps
+    assert (out / "checkpoints" / "best").is_dir()
+    assert math.isfinite(read_jsonl(out / "metrics.jsonl")[-1]["mIoU"])
