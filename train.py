@@ -1,7 +1,7 @@
 """Entry point for `accelerate launch train.py --config configs/x.yaml [key=value ...]` (or plain python)."""
 import sys
 
-from cityseg.cli import main
+from cityseg.cli import train_main
 
 if __name__ == "__main__":
-    sys.exit(main(["train", *sys.argv[1:]]))
+    sys.exit(train_main())

@@ -1,80 +1,142 @@
-"""The `cityseg` command: train, evaluate, predict, export, check, synth, prepare, bench — argument parsing."""
+"""The `cityseg` command: train, evaluate, predict, export, check, config, synth, prepare, bench — argument parsing.
+
+Only argparse and the config are imported here: torch, smp, accelerate and W&B load inside the commands that use
+them, so `--help` and config errors answer at once."""
 from __future__ import annotations
 
 import argparse
 import json
 import os
 import re
+import subprocess
 import sys
 from pathlib import Path
 
-from cityseg.checkpoint import CheckpointError, export
-from cityseg.config import ConfigError, load_config
-from cityseg.data.cityscapes import DataError
-from cityseg.engine import TrainingError, train
-from cityseg.evaluate import evaluate
-from cityseg.model import ModelError
-from cityseg.preemption import EXIT_INTERRUPTED
+from cityseg.config import ConfigError, dump_config, load_config
 
-USER_ERRORS = (ConfigError, DataError, ModelError, CheckpointError, TrainingError)
+EXIT_USAGE = 2  # argparse's code for a bad command line; also a bad config or override
 
 
-def _config_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", required=True, help="YAML file under configs/")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.epochs=2")
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Descriptions keep their line breaks; options show their default when there is one worth showing."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        shown = action.default is not None and action.default is not False and action.default != argparse.SUPPRESS
+        if shown and action.option_strings and "(default" not in text:
+            text += " (default: %(default)s)"
+        return text
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cityseg", description="Semantic segmentation on Cityscapes.")
-    commands = parser.add_subparsers(dest="command", required=True)
-    _config_args(commands.add_parser("train", help="train a model (run under accelerate launch for many GPUs)"))
-    evaluate = commands.add_parser("evaluate", help="mIoU / per-class IoU of saved weights")
-    _config_args(evaluate)
-    evaluate.add_argument("--checkpoint", required=True, help="model.safetensors or a checkpoint directory")
-    evaluate.add_argument("--split", default=None, help="dataset split (default: data.val_split)")
-    evaluate.add_argument("--json", default=None, help="also write the metrics to this JSON file")
-    evaluate.add_argument("--mode", choices=["resized", "full"], default=None,
-                          help="resized: at data.image_size (what training reports); full: logits upsampled to the "
-                               "labels' resolution (the benchmark protocol). Same as eval.mode=...")
-    predict = commands.add_parser("predict", help="write label-id PNGs (benchmark format), colour maps, overlays")
-    _config_args(predict)
-    predict.add_argument("--checkpoint", required=True, help="model.safetensors or a checkpoint directory")
-    source = predict.add_mutually_exclusive_group(required=True)
-    source.add_argument("--split", help="a split of data.root (leftImg8bit/<split>/<city>/*_leftImg8bit.png)")
-    source.add_argument("--input", help="any folder of PNG / JPEG images (subfolders kept)")
-    predict.add_argument("--output", required=True, help="writes labelIds/, color/ and overlay/ trees here")
-    exporter = commands.add_parser("export", help="model.safetensors + config.yaml from a checkpoint directory")
+def _command(commands, name: str, summary: str, details: str, example: str) -> argparse.ArgumentParser:
+    return commands.add_parser(name, help=summary, description=f"{summary}.\n\n{details}".rstrip(),
+                               epilog=f"example:\n  {example}", formatter_class=HelpFormatter)
+
+
+def _config_args(parser: argparse.ArgumentParser, example: str, from_run: bool = False) -> None:
+    if from_run:
+        parser.add_argument("--config", default=None, help="YAML config (default: config.yaml of the run directory "
+                            "that holds --checkpoint)")
+    else:
+        parser.add_argument("--config", required=True, help="YAML config, e.g. configs/demo.yaml")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help=f"dotted config overrides, e.g. {example}")
+
+
+def add_train_args(parser: argparse.ArgumentParser) -> None:
+    _config_args(parser, "train.epochs=2 optim.lr=5e-4")
+
+
+def build_parser(prog: str = "cityseg") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, formatter_class=HelpFormatter, description=(
+        "Semantic segmentation on Cityscapes: train (one process or many via accelerate launch / SLURM), evaluate, "
+        "predict.\n`cityseg <command> --help` describes each command."))
+    commands = parser.add_subparsers(dest="command", required=True, metavar="<command>")
+    add_train_args(_command(
+        commands, "train", "train a model (run under accelerate launch for many processes)",
+        "Continues the newest checkpoint in output_dir (train.resume=auto) if the config trains the same thing.",
+        "cityseg train --config configs/demo.yaml train.epochs=2"))
+    _add_evaluate(commands)
+    _add_predict(commands)
+    exporter = _command(commands, "export", "write model.safetensors + config.yaml from a checkpoint directory",
+                        "What evaluate / predict / cityseg.api load; no optimizer state.",
+                        "cityseg export --checkpoint runs/demo/checkpoints/best")
     exporter.add_argument("--checkpoint", required=True, help="<output_dir>/checkpoints/step_<N> or .../best")
     exporter.add_argument("--out", default=None, help="directory to write to (default: the checkpoint's run "
                           "directory, i.e. <output_dir>)")
     exporter.add_argument("--force", action="store_true", help="replace an existing model.safetensors")
-    check = commands.add_parser("check", help="preflight: would training start with this config? (exit 0 if so)")
-    _config_args(check)
+    check = _command(commands, "check", "preflight: would training start with this config? (exit 0 if so)",
+                     "Data layout, batch share, model, disk, the resume verdict, W&B; nothing is written.",
+                     "cityseg check --config configs/demo.yaml --world-size 8 --gpu")
+    _config_args(check, "data.root=/data/cityscapes")
     check.add_argument("--deep", action="store_true", help="also decode every image and label")
     check.add_argument("--world-size", type=int, default=None, help="processes the run will have "
                        "(default: WORLD_SIZE, else 1)")
     check.add_argument("--gpu", action="store_true", help="judge for a run on CUDA devices even if this machine "
                        "has none (e.g. checking from a cluster's login node)")
-    prepare = commands.add_parser("prepare", help="decode the dataset once into the shard cache data.cache.dir")
-    _config_args(prepare)
+    config = _command(commands, "config", "print the resolved config (file + overrides + defaults) as YAML",
+                      "Exactly what training would record as config.yaml; exit 2 on a bad key or value.",
+                      "cityseg config --config configs/demo.yaml optim.lr=5e-4")
+    _config_args(config, "optim.lr=5e-4")
+    _add_data_commands(commands)
+    return parser
+
+
+def _add_evaluate(commands) -> None:
+    evaluate = _command(commands, "evaluate", "mIoU / per-class IoU of saved weights",
+                        "Sharded over the processes of accelerate launch; the same sliding / flip / scales options "
+                        "(eval.*) as cityseg.api.", "cityseg evaluate --checkpoint runs/demo/model.safetensors "
+                        "--mode full eval.flip=true")
+    _config_args(evaluate, "eval.sliding=true eval.flip=true", from_run=True)
+    evaluate.add_argument("--checkpoint", required=True, help="model.safetensors or a checkpoint directory")
+    evaluate.add_argument("--split", default=None, help="dataset split (default: data.val_split)")
+    evaluate.add_argument("--json", default=None, help="also write the metrics to this JSON file")
+    evaluate.add_argument("--mode", choices=["resized", "full"], default=None,
+                          help="resized: at data.image_size (what training reports); full: logits upsampled to the "
+                               "labels' resolution (the benchmark protocol). Same as eval.mode=... "
+                               "(default: eval.mode of the config)")
+    evaluate.add_argument("--aug-test", action="store_true", help="multi-scale (0.5-1.75) + flip testing as "
+                          "mmsegmentation's aug test; eval.scales=[...] eval.flip=true choose other scales")
+
+
+def _add_predict(commands) -> None:
+    predict = _command(commands, "predict", "write label-id PNGs (benchmark format), colour maps, overlays",
+                       "Predictions at each image's own resolution, per eval.* (sliding, flip, scales).",
+                       "cityseg predict --checkpoint runs/demo/model.safetensors --input photos/ --output preds/")
+    _config_args(predict, "eval.flip=true", from_run=True)
+    predict.add_argument("--checkpoint", required=True, help="model.safetensors or a checkpoint directory")
+    source = predict.add_mutually_exclusive_group(required=True)
+    source.add_argument("--split", help="a split of data.root (leftImg8bit/<split>/<city>/*_leftImg8bit.png)")
+    source.add_argument("--input", help="any folder of PNG / JPEG images (subfolders kept)")
+    predict.add_argument("--output", required=True, help="writes labelIds/, color/ and overlay/ trees here")
+
+
+def _add_data_commands(commands) -> None:
+    prepare = _command(commands, "prepare", "decode the dataset once into the shard cache data.cache.dir",
+                       "Training then reads memmap shards instead of decoding PNGs every epoch.",
+                       "cityseg prepare --config configs/demo.yaml data.cache.dir=cache/demo")
+    _config_args(prepare, "data.cache.dir=cache/demo")
     prepare.add_argument("--splits", default=None, help="comma-separated (default: data.train_split,data.val_split)")
     prepare.add_argument("--workers", type=int, default=None, help="decoding processes (default: cores / ranks)")
-    bench = commands.add_parser("bench", help="loader, training-step and precision/process throughput, side by side")
-    _config_args(bench)
+    bench = _command(commands, "bench", "loader, training-step and precision/process throughput, side by side",
+                     "--quick is a smoke test (tiny sizes, one repeat): it checks the bench runs, its numbers "
+                     "measure nothing.", "cityseg bench --config configs/demo.yaml --json bench.json")
+    _config_args(bench, "data.batch_size=8")
     bench.add_argument("--json", default=None, help="also write the results to this JSON file")
-    bench.add_argument("--quick", action="store_true", help="tiny sizes, one repeat: checks the bench runs")
-    bench.add_argument("--images", type=int, default=None, help="images in the loader comparison")
-    bench.add_argument("--batch", type=int, default=None, help="batch size of the step measurements")
-    bench.add_argument("--repeats", type=int, default=None, help="alternating repeats (the median is reported)")
-    synth = commands.add_parser("synth", help="write a synthetic dataset in the Cityscapes layout")
-    synth.add_argument("--out", required=True)
-    synth.add_argument("--train", type=int, default=24)
-    synth.add_argument("--val", type=int, default=7)
-    synth.add_argument("--test", type=int, default=0)
-    synth.add_argument("--height", type=int, default=256)
-    synth.add_argument("--width", type=int, default=512)
-    synth.add_argument("--seed", type=int, default=0)
-    return parser
+    bench.add_argument("--quick", action="store_true", help="smoke test: tiny sizes, one repeat; not a measurement")
+    bench.add_argument("--images", type=int, default=None, help="images in the loader comparison (default: 16)")
+    bench.add_argument("--batch", type=int, default=None, help="batch size of the step measurements (default: 8)")
+    bench.add_argument("--repeats", type=int, default=None, help="alternating repeats, the median is reported "
+                       "(default: 5)")
+    synth = _command(commands, "synth", "write a synthetic dataset in the Cityscapes layout",
+                     "Generated images with gtFine labels, no download needed: for demos and tests.",
+                     "cityseg synth --out data/synth --train 24 --val 7")
+    synth.add_argument("--out", required=True, help="root to write leftImg8bit/ and gtFine/ under")
+    synth.add_argument("--train", type=int, default=24, help="training images")
+    synth.add_argument("--val", type=int, default=7, help="validation images")
+    synth.add_argument("--test", type=int, default=0, help="test images (no labels are used)")
+    synth.add_argument("--height", type=int, default=256, help="image height in pixels")
+    synth.add_argument("--width", type=int, default=512, help="image width in pixels")
+    synth.add_argument("--seed", type=int, default=0, help="random seed: the same seed writes the same files")
 
 
 def _is_main_rank() -> bool:
@@ -90,23 +152,40 @@ def _one_line(err: Exception) -> str:
     return text.splitlines()[0] if text else type(err).__name__
 
 
-def _is_collective_failure(err: RuntimeError) -> bool:
-    import torch.distributed as dist
+def run_config_of(checkpoint: str) -> Path:
+    """The config.yaml recorded beside weights: in a checkpoint directory, or in the run directory above."""
+    path = Path(checkpoint)
+    candidates = [path / "config.yaml", path.parent / "config.yaml", path.parent.parent / "config.yaml"]
+    if path.is_file():
+        candidates = candidates[1:]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    raise ConfigError(f"{checkpoint}: no config.yaml in its run directory; name the config with --config")
 
-    return isinstance(err, dist.DistError) or any(word in str(err) for word in ("gloo", "NCCL", "ProcessGroup"))
+
+def _config_for(args) -> object:
+    path = args.config if args.config is not None else run_config_of(args.checkpoint)
+    return load_config(path, args.overrides)
 
 
 def run_train(args) -> int:
-    return train(load_config(args.config, args.overrides))
+    cfg = load_config(args.config, args.overrides)  # before the heavy imports: a config error answers at once
+    from cityseg.engine import train
+
+    return train(cfg)
 
 
 def run_evaluate(args) -> int:
+    if args.mode:
+        args.overrides = [*args.overrides, f"eval.mode={args.mode}"]
+    cfg = _config_for(args)
     from rich.console import Console
 
+    from cityseg.evaluate import evaluate
     from cityseg.tracking import benchmark_tables
 
-    overrides = [*args.overrides, f"eval.mode={args.mode}"] if args.mode else args.overrides
-    metrics = evaluate(load_config(args.config, overrides), args.checkpoint, args.split)
+    metrics = evaluate(cfg, args.checkpoint, args.split, aug_test=args.aug_test)
     if _is_main_rank():
         title = f"{args.checkpoint} on {metrics['split']} ({metrics['images']} images, {metrics['mode']} resolution)"
         console = Console()
@@ -120,29 +199,36 @@ def run_evaluate(args) -> int:
 
 
 def run_check(args) -> int:
-    from cityseg.preflight import format_checks, run_checks
-
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as err:
         print(f"✗ config: {err}")
-        return 2
+        return EXIT_USAGE
+    from cityseg.preflight import format_checks, run_checks
+
     checks = run_checks(cfg, deep=args.deep, world_size=args.world_size, cuda=True if args.gpu else None)
     print(format_checks(checks))
     return 0 if all(ok for ok, _, _ in checks) else 1
 
 
+def run_config(args) -> int:
+    sys.stdout.write(dump_config(load_config(args.config, args.overrides)))
+    return 0
+
+
 def run_predict(args) -> int:
+    cfg = _config_for(args)
     from cityseg.predict import predict
 
-    count = predict(load_config(args.config, args.overrides), args.checkpoint, args.output, split=args.split,
-                    input_dir=args.input)
+    count = predict(cfg, args.checkpoint, args.output, split=args.split, input_dir=args.input)
     if _is_main_rank():
         print(f"wrote predictions of {count} images to {args.output} (labelIds/, color/, overlay/)")
     return 0
 
 
 def run_export(args) -> int:
+    from cityseg.checkpoint import CheckpointError, export
+
     source = Path(args.checkpoint)
     if not source.is_dir():
         raise CheckpointError(f"{source}: checkpoint directory not found")
@@ -165,9 +251,9 @@ def run_synth(args) -> int:
 
 
 def run_prepare(args) -> int:
+    cfg = load_config(args.config, args.overrides)
     from cityseg.data.cache import prepare
 
-    cfg = load_config(args.config, args.overrides)
     splits = args.splits.split(",") if args.splits else [cfg.data.train_split, cfg.data.val_split]
     for manifest in prepare(cfg, splits, args.workers):
         print(f"wrote {manifest.parent} ({json.loads(manifest.read_text())['num_samples']} samples)")
@@ -175,35 +261,84 @@ def run_prepare(args) -> int:
 
 
 def run_bench(args) -> int:
+    cfg = load_config(args.config, args.overrides)
     from cityseg.bench import bench
 
-    bench(load_config(args.config, args.overrides), json_path=args.json, quick=args.quick, images=args.images,
+    bench(cfg, json_path=args.json, quick=args.quick, images=args.images,
           batch=args.batch, repeats=args.repeats)
     return 0
 
 
 COMMANDS = {"train": run_train, "evaluate": run_evaluate, "predict": run_predict, "export": run_export,
-            "check": run_check, "synth": run_synth, "prepare": run_prepare, "bench": run_bench}
+            "check": run_check, "config": run_config, "synth": run_synth, "prepare": run_prepare,
+            "bench": run_bench}
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def user_errors() -> tuple[type, ...]:
+    """The one-line error classes of the heavy modules, imported only now: a command that raised one loaded it."""
+    from cityseg.checkpoint import CheckpointError
+    from cityseg.data.cityscapes import DataError
+    from cityseg.engine import TrainingError
+    from cityseg.model import ModelError
+
+    return ConfigError, DataError, ModelError, CheckpointError, TrainingError
+
+
+def _is_collective_failure(err: BaseException) -> bool:
+    import torch.distributed as dist
+
+    return isinstance(err, dist.DistError) or any(word in str(err) for word in ("gloo", "NCCL", "ProcessGroup"))
+
+
+def report(line: str) -> None:
+    """Write an error line. Under torchelastic (accelerate launch) the launcher prints its own ~40-line failure
+    report after the processes exit: rank 0's line is then repeated after it, by a detached helper that waits (at
+    most 30 s) for the launcher to exit, so the reason is the last thing on the screen."""
+    sys.stderr.write(line)  # one write: ranks sharing a pipe do not interleave
+    sys.stderr.flush()
+    if "TORCHELASTIC_RUN_ID" not in os.environ or not _is_main_rank():
+        return
+    launcher = os.getppid()
+    waiter = ("import os, sys, time\nend = time.monotonic() + 30\nwhile time.monotonic() < end:\n"
+              "    try: os.kill(int(sys.argv[1]), 0)\n    except OSError: break\n    time.sleep(0.1)\n"
+              "sys.stderr.write(sys.argv[2])\n")
+    subprocess.Popen([sys.executable, "-c", waiter, str(launcher), line], stdin=subprocess.DEVNULL,
+                     stdout=subprocess.DEVNULL, start_new_session=True)
+
+
+def main(argv: list[str] | None = None, parser: argparse.ArgumentParser | None = None) -> int:
+    args = (parser or build_parser()).parse_args(argv)
+    prefix = "" if _is_main_rank() else f"[rank {os.environ.get('RANK')}] "
     try:
         return COMMANDS[args.command](args)
-    except USER_ERRORS as err:
-        prefix = "" if _is_main_rank() else f"[rank {os.environ.get('RANK')}] "
-        sys.stderr.write(f"{prefix}error: {_one_line(err)}\n")  # one write: ranks sharing a pipe do not interleave
-        return 2 if isinstance(err, ConfigError) else 1
-    except RuntimeError as err:
-        if not _is_collective_failure(err):
+    except ConfigError as err:
+        report(f"{prefix}error: {_one_line(err)}\n")
+        return EXIT_USAGE
+    except KeyboardInterrupt:  # Ctrl-C before training installed its handler (startup, evaluation)
+        from cityseg.preemption import EXIT_INTERRUPTED
+
+        sys.stderr.write("interrupted\n")
+        return EXIT_INTERRUPTED
+    except Exception as err:
+        if isinstance(err, user_errors()):
+            report(f"{prefix}error: {_one_line(err)}\n")
+            return 1
+        if not (isinstance(err, RuntimeError) and _is_collective_failure(err)):
             raise
         sys.stderr.write(f"[rank {os.environ.get('RANK', '0')}] error: a collective failed: another process died or "
                          f"stalled past dist.timeout_minutes ({_one_line(err)}); the launcher's report names the "
                          "rank that failed first\n")
         return 1
-    except KeyboardInterrupt:  # Ctrl-C before training installed its handler (startup, evaluation)
-        sys.stderr.write("interrupted\n")
-        return EXIT_INTERRUPTED
+
+
+def train_main(argv: list[str] | None = None) -> int:
+    """`python train.py --config x.yaml [key=value ...]`: the train command with its own name in the help."""
+    parser = argparse.ArgumentParser(prog="train.py", formatter_class=HelpFormatter, description=(
+        "Train a model; the same as `cityseg train` (run under accelerate launch for many processes)."),
+        epilog="example:\n  accelerate launch train.py --config configs/demo.yaml train.epochs=2")
+    add_train_args(parser)
+    parser.set_defaults(command="train")
+    return main(argv, parser)
 
 
 if __name__ == "__main__":

@@ -11,9 +11,15 @@ from typing import Literal, Optional
 
 import yaml
 
+from cityseg.model_names import ARCHITECTURES, SMP_ENCODERS, TIMM_MODELS
+
 
 class ConfigError(ValueError):
     """A one-line, user-facing problem with a config file or override (the CLI exits 2 on it)."""
+
+    def __init__(self, message: str, key: str | None = None):
+        super().__init__(message)
+        self.key = key  # the dotted key at fault: load_config names the override or file it came from
 
 
 def _range(low=None, high=None):
@@ -92,6 +98,7 @@ class TrainConfig:
     log_every: int = field(default=10, metadata=_range(1))
     eval_every_epochs: int = field(default=1, metadata=_range(1))
     on_nan: Literal["error", "skip"] = "error"
+    profile_steps: Optional[list[int]] = None  # [first, last] optimizer steps: Chrome trace in <output_dir>/profile/
 
 
 @dataclass
@@ -188,26 +195,55 @@ def _build(cls, values: dict, prefix: str):
     kwargs = {}
     for key, value in values.items():
         dotted = f"{prefix}{key}"
-        if key not in fields:
-            close = difflib.get_close_matches(str(key), list(fields), n=1)
-            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else f" (valid: {', '.join(fields)})"
-            raise ConfigError(f"unknown key '{dotted}'{hint}")
-        if dataclasses.is_dataclass(hints[key]):
-            if not isinstance(value, dict):
-                raise ConfigError(f"{dotted}: expected a mapping of keys, got {value!r}")
-            kwargs[key] = _build(hints[key], value, dotted + ".")
-            continue
-        value = _coerce(dotted, value, hints[key])
-        bounds = fields[key].metadata
-        if value is not None and bounds:
-            if bounds["low"] is not None and value < bounds["low"]:
-                raise ConfigError(f"{dotted}: {value} is below the minimum {bounds['low']}")
-            if bounds["high"] is not None and value > bounds["high"]:
-                raise ConfigError(f"{dotted}: {value} is above the maximum {bounds['high']}")
-        if dotted in PAIR_KEYS and value is not None and (len(value) != 2 or min(value) <= 0):
-            raise ConfigError(f"{dotted}: expected two positive numbers [H, W], got {value}")
-        kwargs[key] = value
+        try:
+            kwargs[key] = _field_value(fields, hints, key, value, prefix)
+        except ConfigError as err:
+            raise ConfigError(str(err), err.key or dotted) from None
     return cls(**kwargs)
+
+
+def _field_value(fields: dict, hints: dict, key: str, value, prefix: str):
+    dotted = f"{prefix}{key}"
+    if key not in fields:
+        close = difflib.get_close_matches(str(key), list(fields), n=1)
+        hint = f" (did you mean '{prefix}{close[0]}'?)" if close else f" (valid: {', '.join(fields)})"
+        raise ConfigError(f"unknown key '{dotted}'{hint}")
+    if dataclasses.is_dataclass(hints[key]):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{dotted}: expected a mapping of keys, got {value!r}")
+        return _build(hints[key], value, dotted + ".")
+    value = _coerce(dotted, value, hints[key])
+    bounds = fields[key].metadata
+    if value is not None and bounds:
+        if bounds["low"] is not None and value < bounds["low"]:
+            raise ConfigError(f"{dotted}: {value} is below the minimum {bounds['low']}")
+        if bounds["high"] is not None and value > bounds["high"]:
+            raise ConfigError(f"{dotted}: {value} is above the maximum {bounds['high']}")
+    if dotted in PAIR_KEYS and value is not None and (len(value) != 2 or min(value) <= 0):
+        raise ConfigError(f"{dotted}: expected two positive numbers [H, W], got {value}")
+    return value
+
+
+def _check_model_names(model: ModelConfig) -> None:
+    """model.arch / model.encoder against smp's names (as smp spells them), without importing smp or timm."""
+    spelled = {name.lower(): name for name in ARCHITECTURES}
+    if model.arch.lower() not in spelled:  # smp matches case-insensitively; the config keeps smp's spelling
+        close = difflib.get_close_matches(model.arch.lower(), list(spelled), n=1)
+        hint = f"did you mean '{spelled[close[0]]}'? " if close else ""
+        raise ConfigError(f"model.arch: unknown architecture {model.arch!r} ({hint}smp has: "
+                          f"{', '.join(ARCHITECTURES)})", "model.arch")
+    model.arch = spelled[model.arch.lower()]
+    encoder = model.encoder
+    if encoder.startswith("tu-"):
+        known, name = TIMM_MODELS, encoder[3:].split(".")[0]  # a pretrained tag after the dot is timm's business
+    else:
+        known, name = SMP_ENCODERS, encoder
+    if name not in known:
+        close = difflib.get_close_matches(name, sorted(known), n=3)
+        prefix = "tu-" if encoder.startswith("tu-") else ""
+        hint = f"did you mean {', '.join(prefix + c for c in close)}? " if close else ""
+        raise ConfigError(f"model.encoder: unknown encoder {encoder!r} ({hint}smp's own encoders, e.g. resnet50, "
+                          "mit_b0, efficientnet-b0, or tu-<any timm model>, e.g. tu-resnet50)", "model.encoder")
 
 
 def _set_dotted(tree: dict, dotted: str, value) -> None:
@@ -253,25 +289,53 @@ def read_yaml(path: str | Path) -> dict:
     return tree
 
 
+def _source(key: str | None, override_keys: dict, path) -> str:
+    """Where a bad key came from: the command line override that set it (or its section), else the file."""
+    if key is not None:
+        for given in reversed(list(override_keys)):
+            if key == given or key.startswith(given + ".") or given.startswith(key + "."):
+                return f"command line override {override_keys[given]!r}"
+    return str(path) if path is not None else "config"
+
+
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
-    """Read the YAML (if any), apply key=value overrides, validate, and fill output_dir."""
+    """Read the YAML (if any), apply key=value overrides, validate, and fill output_dir. An error names the file,
+    or the command line override the bad key came from."""
     tree = read_yaml(path) if path is not None else {}
+    override_keys = {}
     for text in overrides:
-        _set_dotted(tree, *parse_override(text))
+        key, value = parse_override(text)
+        _set_dotted(tree, key, value)
+        override_keys[key] = text
     try:
         config = _build(Config, tree, "")
+        _check_config(config)
     except ConfigError as err:
-        raise ConfigError(f"{path}: {err}" if path is not None else str(err)) from None
-    for name in config.train.preempt_signals:
-        if name not in signal.Signals.__members__:
-            raise ConfigError(f"{path or 'config'}: train.preempt_signals: unknown signal {name!r} (e.g. SIGUSR1)")
-    if config.train.epochs is None and config.train.max_steps is None:
-        raise ConfigError(f"{path or 'config'}: train.epochs is null (iteration-based) but train.max_steps is not set")
-    if not config.eval.scales or min(config.eval.scales) <= 0:
-        raise ConfigError(f"{path or 'config'}: eval.scales: expected positive factors, e.g. [0.5, 1.0, 1.5]")
+        raise ConfigError(f"{_source(err.key, override_keys, path)}: {err}", err.key) from None
+    steps = config.train.profile_steps
+    if steps is not None and (len(steps) != 2 or steps[0] < 0 or steps[1] < steps[0]):
+        raise ConfigError(f"{path or 'config'}: train.profile_steps: expected [first, last] steps, 0 <= first "
+                          f"<= last, got {steps}")
     if config.output_dir is None:
         config.output_dir = str(Path("runs") / config.name)
     return config
+
+
+def _check_config(config: Config) -> None:
+    """Checks across keys or against outside names; each error carries its key."""
+    for name in config.train.preempt_signals:
+        if name not in signal.Signals.__members__:
+            raise ConfigError(f"train.preempt_signals: unknown signal {name!r} (e.g. SIGUSR1)", "train.preempt_signals")
+    if config.train.epochs is None and config.train.max_steps is None:
+        raise ConfigError("train.epochs is null (iteration-based) but train.max_steps is not set", "train.epochs")
+    if not config.eval.scales or min(config.eval.scales) <= 0:
+        raise ConfigError("eval.scales: expected positive factors, e.g. [0.5, 1.0, 1.5]", "eval.scales")
+    _check_model_names(config.model)
+
+
+def dump_config(config: Config) -> str:
+    """The resolved config as YAML: what `cityseg config` prints and config.yaml holds."""
+    return yaml.safe_dump(to_dict(config), sort_keys=False, default_flow_style=None)  # lists on one line
 
 
 def to_dict(config) -> dict:
@@ -285,5 +349,5 @@ def from_dict(tree: dict) -> Config:
 def save_config(config: Config, path: str | Path) -> None:
     path = Path(path)
     tmp = path.with_suffix(".yaml.tmp")
-    tmp.write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+    tmp.write_text(dump_config(config))
     tmp.replace(path)

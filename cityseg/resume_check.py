@@ -12,7 +12,7 @@ from cityseg.config import Config, ConfigError, to_dict
 ALLOWED = (
     "name", "output_dir", "data.num_workers", "data.val_batch_size", "data.val_split", "data.on_bad_sample",
     "data.cache.dir", "train.resume", "train.preempt_signals", "train.channels_last", "train.compile",
-    "train.log_every", "train.eval_every_epochs", "train.on_nan", "checkpoint.", "eval.", "dist.", "tracking.",
+    "train.log_every", "train.eval_every_epochs", "train.eval_every_steps", "train.on_nan", "checkpoint.", "eval.", "dist.", "tracking.",
 )
 # May grow (the run trains on), never shrink (a shorter schedule is another run); None means no limit.
 EXTENDABLE = ("train.epochs", "train.max_steps")

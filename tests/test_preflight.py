@@ -118,5 +118,6 @@ def test_each_broken_setup_fails_its_line(synth_root, tmp_path, capsys, breakage
 def test_an_invalid_config_exits_2(capsys):
     code = cityseg_main(["check", "--config", "configs/demo.yaml", "data.batchsize=4"])
     assert code == 2
-    assert capsys.readouterr().out.strip() == ("✗ config: configs/demo.yaml: unknown key 'data.batchsize' "
+    assert capsys.readouterr().out.strip() == ("✗ config: command line override 'data.batchsize=4': unknown key "
+                                               "'data.batchsize' "
                                                "(did you mean 'data.batch_size'?)")

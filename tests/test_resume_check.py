@@ -5,7 +5,7 @@ import yaml
 
 from cityseg.config import Config, load_config, to_dict
 from cityseg.resume_check import ALLOWED, compare, flatten, upgrade_trainer_state
-from tests.conftest import PYTHON, cityseg, read_jsonl, run, tiny_overrides
+from tests.conftest import cityseg, read_jsonl, tiny_overrides
 
 CONFIG = ["--config", "configs/demo.yaml"]
 
@@ -83,7 +83,3 @@ def test_changed_run_refuses_to_resume_and_allowed_changes_are_logged(synth_root
     assert yaml.safe_load((out / "config.yaml").read_text())["train"]["max_steps"] == 4
     assert [r["step"] for r in read_jsonl(out / "train_log.jsonl")] == [1, 2, 4]
 
-
-def test_train_py_help_names_itself():
-    result = run([PYTHON, "train.py", "--help"])
-    assert result.returncode == 0 and result.stdout.startswith("usage: train.py")
