@@ -1,17 +1,22 @@
 """Faults in real runs: Ctrl-C and kill -9 of one rank under accelerate launch, NaN loss, a disk that fills up."""
+import json
+import math
 import os
 import re
 import resource
 import signal
 import subprocess
 import time
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
 from cityseg import checkpoint
-from tests.conftest import REPO, PYTHON, child_env, launch_cmd, run, tiny_overrides
+from tests.conftest import REPO, PYTHON, child_env, launch_cmd, read_jsonl, run, tiny_overrides
 
 
 def worker_pids(launcher_pid: int) -> dict[str, int]:
@@ -93,11 +98,87 @@ def test_nan_loss_stops_before_nonfinite_weights_are_saved(synth_root, tmp_path)
         assert all(torch.isfinite(t).all() for t in load_file(str(path / checkpoint.MODEL_FILE)).values())
 
 
-def test_nan_skip_counts_the_skipped_steps(synth_root, tmp_path):
+def data_with_one_unlabelled_sample(root: Path, position: int, seed: int = 0) -> Path:
+    """6 train / 2 val images of 32x64; the label of the sample at `position` of epoch 0's shuffled order is all
+    'unlabeled' (id 0, ignored): with batch 1 and loss.name=ce its loss is the mean over no pixels, NaN."""
+    from accelerate.data_loader import SeedableRandomSampler
+
+    from cityseg.data.cityscapes import find_pairs
+    from cityseg.data.synthetic import write_synthetic
+
+    write_synthetic(root, n_train=6, n_val=2, height=32, width=64, seed=1)
+    order = list(SeedableRandomSampler(range(6), data_seed=seed))  # the engine's epoch-0 order (data_seed = seed)
+    _, label_path = find_pairs(root, "train")[order[position]]
+    Image.fromarray(np.zeros((32, 64), np.uint8), "L").save(label_path)
+    return root
+
+
+NAN_RUN = dict(data__image_size="[32,64]", data__batch_size=1, loss__name="ce", train__on_nan="skip",
+               optim__schedule="constant", checkpoint__every_steps=1, checkpoint__keep_last=10)
+BN_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")  # a forward pass in train mode updates these
+
+
+def trained_state(checkpoint_dir: Path) -> tuple[dict, dict]:
+    """(parameters, optimizer state) of a checkpoint: what an update changes (BN running statistics excluded)."""
+    weights = load_file(str(checkpoint_dir / checkpoint.MODEL_FILE))
+    parameters = {k: v for k, v in weights.items() if not k.endswith(BN_BUFFERS)}
+    optimizer = torch.load(checkpoint_dir / "optimizer.bin", weights_only=True)["state"]
+    return parameters, {(i, name): value for i, state in optimizer.items() for name, value in state.items()}
+
+
+def assert_same_state(a: tuple[dict, dict], b: tuple[dict, dict]) -> None:
+    for x, y in zip(a, b):
+        assert x.keys() == y.keys()
+        different = [key for key in x if not torch.equal(torch.as_tensor(x[key]), torch.as_tensor(y[key]))]
+        assert different == [], different[:5]
+
+
+def test_nan_skip_leaves_weights_and_optimizer_as_if_the_batch_never_came(tmp_path):
+    """One bad batch at step 3 of 5: the state after step 3 is the state after step 2 (parameters, Adam moments and
+    step count), so the run goes on as one that never applied that batch; the other steps train normally."""
+    root = data_with_one_unlabelled_sample(tmp_path / "cs", position=2)
+    out = tmp_path / "run"
     result = run([PYTHON, "train.py", "--config", "configs/demo.yaml",
-                  *tiny_overrides(synth_root, tmp_path / "run", optim__lr="1e30", train__on_nan="skip")])
+                  *tiny_overrides(root, out, train__max_steps=5, **NAN_RUN)])
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "warning: 3 step(s) skipped for a NaN/Inf loss (train.on_nan=skip)" in result.stdout, result.stdout
+    assert "warning: 1 step(s) skipped for a NaN/Inf loss (train.on_nan=skip)" in result.stdout, result.stdout
+    losses = {r["step"]: r["loss"] for r in read_jsonl(out / "train_log.jsonl")}
+    assert list(losses) == [1, 2, 3, 4, 5] and math.isnan(losses[3])  # the injected batch is at step 3
+    assert all(math.isfinite(losses[step]) for step in (1, 2, 4, 5)), losses
+
+    states = {step: trained_state(checkpoint.step_dir(out, step)) for step in range(1, 6)}
+    assert_same_state(states[3], states[2])  # the skipped step: no parameter, moment or Adam step changed
+    for before, after in ((1, 2), (3, 4), (4, 5)):  # the steps around it did update
+        assert any(not torch.equal(states[before][0][k], states[after][0][k]) for k in states[after][0])
+    final = load_file(str(out / "model.safetensors"))
+    assert all(torch.isfinite(t).all() for t in final.values())
+    assert all(torch.equal(final[k], v) for k, v in states[5][0].items())
+
+
+@pytest.mark.slow
+def test_nan_on_one_rank_is_skipped_by_both(tmp_path):
+    """2 ranks, batch 1 each: the bad sample reaches rank 1 only, at step 2. Both ranks skip step 2: the run ends
+    normally, rank 0's state after step 2 equals that after step 1, and the sharded validation (each rank judging
+    its image with its own weights) equals one process evaluating rank 0's weights, so rank 1 holds the same."""
+    root = data_with_one_unlabelled_sample(tmp_path / "cs", position=3)  # global batch 3 = rank 1's 2nd batch
+    out = tmp_path / "run"
+    result = run(launch_cmd(2, "train.py", "--config", "configs/demo.yaml",
+                            *tiny_overrides(root, out, dist__timeout_minutes=1, **NAN_RUN)))
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    assert result.stdout.count("warning: 1 step(s) skipped for a NaN/Inf loss") == 1, result.stdout
+    losses = {r["step"]: r["loss"] for r in read_jsonl(out / "train_log.jsonl")}
+    assert list(losses) == [1, 2, 3] and math.isnan(losses[2]) and math.isfinite(losses[1] + losses[3]), losses
+    assert_same_state(trained_state(checkpoint.step_dir(out, 2)), trained_state(checkpoint.step_dir(out, 1)))
+    assert checkpoint.read_trainer_state(checkpoint.step_dir(out, 3))["nan_skipped"] == 1
+
+    measured = tmp_path / "one.json"
+    one = run([PYTHON, "-m", "cityseg", "evaluate", "--config", out / "config.yaml", "--checkpoint",
+               out / "model.safetensors", "--json", measured])
+    assert one.returncode == 0, one.stderr[-3000:]
+    in_training, afterwards = read_jsonl(out / "metrics.jsonl")[-1], json.loads(measured.read_text())
+    assert afterwards["images"] == 2
+    assert in_training["pixel_acc"] == pytest.approx(afterwards["pixel_acc"], abs=1e-9)
+    assert in_training["mIoU"] == pytest.approx(afterwards["mIoU"], abs=1e-9, nan_ok=True)
 
 
 def limit_file_size(limit_bytes: int):
