@@ -292,6 +292,10 @@ def print_table(report: dict) -> None:
                   f"{precision['bf16_vs_fp32']:.2f}x")
     table.add_row(f"step: 2 processes x 1 thread (gloo, batch {step['batch'] // 2} each)",
                   f"{processes['two_by_one_img_s']:.2f} img/s", f"{processes['two_by_one_vs_one_by_two']:.2f}x")
+    if setup.get("quick"):  # tiny sizes, one repeat, layouts run at once: the ratios are noise
+        table.title = f"SMOKE TEST (--quick), not a measurement: {table.title}"
+        table.caption = ("--quick only checks that every measurement runs; its numbers and ratios mean nothing. "
+                         "Measure without --quick on an idle machine.")
     Console().print(table)
 
 
@@ -312,7 +316,7 @@ def bench(cfg, json_path=None, quick: bool = False, images: int | None = None, b
     step, precision, processes = bench_steps(cfg, max(2, batch), steps=1 if quick else 2, repeats=repeats,
                                              concurrently=quick)
     report = {
-        "setup": {"images": len(pairs), "source": source, "source_size": [height, width], "image_size": list(cfg.data.image_size), "loader_batch": batch,
+        "setup": {"quick": quick, "images": len(pairs), "source": source, "source_size": [height, width], "image_size": list(cfg.data.image_size), "loader_batch": batch,
                   "repeats": repeats, "model": f"{cfg.model.arch}/{cfg.model.encoder}", "loss": cfg.loss.name},
         "machine": {"cpus": os.cpu_count(), "torch": torch.__version__, "load_before": round(load_before, 2),
                     "load_after": round(os.getloadavg()[0], 2)},
