@@ -36,16 +36,19 @@ def cityseg(*args, **kwargs) -> subprocess.CompletedProcess:
 
 
 def free_port() -> int:
+    """A port free now, for a command that must be told one in advance (two launchers meeting on it). It can be
+    taken before the command binds it: where one launcher binds alone, pass port 0 instead (see launch_cmd)."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
 
 
-def launch_cmd(num_processes: int, *target: str, port: int | None = None) -> list[str]:
-    """`accelerate launch` of N CPU processes over gloo (needs ACCELERATE_USE_CPU=1, set by child_env)."""
+def launch_cmd(num_processes: int, *target: str, port: int = 0) -> list[str]:
+    """`accelerate launch` of N CPU processes over gloo (needs ACCELERATE_USE_CPU=1, set by child_env). Port 0: the
+    launcher picks a free port itself, just before it binds it (not seconds earlier, in this process)."""
     return [PYTHON, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(num_processes),
             "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-            "--main_process_port", str(port or free_port()), *target]
+            "--main_process_port", str(port), *target]
 
 
 def tiny_overrides(root: Path, output_dir: Path, **extra) -> list[str]:

@@ -81,9 +81,10 @@ def test_multi_gpu_launch_without_gpus_is_stopped(synth_root, tmp_path):
 
 
 @pytest.mark.slow
-def test_a_stalled_rank_fails_the_collective_after_dist_timeout_minutes():
+def test_a_stalled_rank_fails_the_collective_after_dist_timeout_minutes(tmp_path):
     """dist.timeout_minutes=0.1 reaches the process group: gloo gives up after 6000 ms, not the 30-minute default."""
-    result = run(launch_cmd(2, "tests/distributed/stall_rank.py", "dist.timeout_minutes=0.1"))
+    result = run(launch_cmd(2, "tests/distributed/stall_rank.py", tmp_path / "ready", "dist.timeout_minutes=0.1"),
+                 timeout=240)  # without the timeout applied, rank 0 would wait for the 120 s stall and more
     assert result.returncode != 0
     assert "collective failed:" in result.stdout, result.stdout + result.stderr[-3000:]
     assert "6000ms" in result.stdout, result.stdout
