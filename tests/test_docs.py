@@ -1,6 +1,7 @@
 """The README and docs/ stay true: links resolve, the quick start runs, every config key and module is documented."""
 from __future__ import annotations
 
+import ast
 import contextlib
 import dataclasses
 import importlib.util
@@ -164,6 +165,60 @@ def test_architecture_map_names_every_module_and_no_other():
     assert not problems, "\n".join(problems)
 
 
+FLOORS = ("leaves", "parts", "services", "loops", "top")  # bottom to top
+
+
+def package_imports() -> set[tuple[str, str]]:
+    """(importer, imported) module paths of every cityseg import in cityseg/, including those inside functions."""
+    edges = set()
+    for path in (REPO / "cityseg").rglob("*.py"):
+        if "__pycache__" in path.parts:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").startswith("cityseg"):
+                names = [node.module, *(f"{node.module}.{alias.name}" for alias in node.names)]
+            elif isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names if alias.name.startswith("cityseg")]
+            else:
+                continue
+            for name in names:  # `from cityseg import checkpoint` names a module, `from cityseg.x import f` not
+                module = REPO / Path(*name.split(".")).with_suffix(".py")
+                if module.is_file() and module != path:
+                    edges.add((str(path.relative_to(REPO)), str(module.relative_to(REPO))))
+    return edges
+
+
+def test_imports_point_down_the_floors_of_the_map_and_make_no_cycle():
+    doc = ARCHITECTURE_DOC.relative_to(REPO)
+    floor_of = dict(re.findall(r"^\|\s*`(cityseg/[\w/]+\.py)`\s*\|\s*(\w+)\s*\|", ARCHITECTURE_DOC.read_text(), re.M))
+    problems = [f"{doc}: `{path}` is on floor '{floor}', not one of {', '.join(FLOORS)}"
+                for path, floor in floor_of.items() if floor not in FLOORS]
+    edges = package_imports()
+    for importer, imported in sorted(edges):
+        low, high = floor_of.get(importer), floor_of.get(imported)
+        if low in FLOORS and high in FLOORS and FLOORS.index(high) > FLOORS.index(low):
+            problems.append(f"{importer} ({low}) imports {imported} ({high}): imports point down the floors of "
+                            f"{doc}; move what both need down a floor, or fix the map if the floor is wrong")
+    graph: dict[str, set[str]] = {}
+    for importer, imported in edges:
+        graph.setdefault(importer, set()).add(imported)
+    state: dict[str, str] = {}  # "open" while on the DFS path, "done" after
+
+    def visit(module: str, path: list[str]) -> None:
+        state[module] = "open"
+        for imported in sorted(graph.get(module, ())):
+            if state.get(imported) == "open":
+                problems.append("import cycle: " + " -> ".join(path[path.index(imported):] + [module, imported]))
+            elif imported not in state:
+                visit(imported, path + [module])
+        state[module] = "done"
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module, [])
+    assert not problems, "\n".join(problems)
+
+
 # ---- the README's commands ---------------------------------------------------------------------------------------
 
 def bash_commands(markdown: str) -> list[str]:
@@ -212,6 +267,10 @@ def test_quick_start_runs_as_written(tmp_path):
             result = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True, timeout=60)
         elif argv[0] == "source":  # what it does (venv bin first on PATH) is what env above does
             target = REPO / argv[1]
+            if Path(sys.prefix).resolve() != target.parent.parent.resolve():  # tests run from another environment
+                assert target.parent.parent.name in (REPO / "launch" / "venv.sh").read_text(), (
+                    f"README quick start: `{command}`: launch/venv.sh does not create {target.parent.parent.name}")
+                continue
             assert target.is_file(), f"README quick start: `{command}`: {target} does not exist (run launch/venv.sh)"
             assert (target.parent / "cityseg").is_file(), f"README quick start: no cityseg in {target.parent}"
             continue
