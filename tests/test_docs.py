@@ -69,6 +69,15 @@ def test_every_relative_link_resolves():
     assert not broken, "broken links (fix the link or the file/heading it points to):\n" + "\n".join(broken)
 
 
+def test_readme_links_every_guide():
+    linked = {(REPO / target.partition("#")[0]).resolve()
+              for target in re.findall(r"\[[^\]]*\]\(([^)\s]+)\)", without_code(README.read_text()))}
+    unlinked = [str(guide.relative_to(REPO)) for guide in sorted((REPO / "docs").glob("*.md"))
+                if guide.resolve() not in linked]
+    assert not unlinked, ("README.md does not link these guides; add a row to its Documentation table: "
+                          + ", ".join(unlinked))
+
+
 # ---- the configuration reference ---------------------------------------------------------------------------------
 
 def config_keys(cls=Config, prefix: str = "") -> dict[str, tuple[object, object]]:
