@@ -71,8 +71,8 @@ def preflight(config: str, overrides: list[str], world_size: int, gpu: bool) -> 
 
 def sbatch_command(args: argparse.Namespace, config: str, job_name: str) -> list[str]:
     cmd = ["sbatch", "--parsable", f"--job-name={job_name}", f"--nodes={args.nodes}"]
-    if args.gpus_per_node is not None:
-        cmd.append(f"--gpus-per-node={args.gpus_per_node}")
+    if args.gpus_per_node is not None:  # train.sh runs one srun task (training process) per GPU, one on CPU nodes
+        cmd += [f"--gpus-per-node={args.gpus_per_node}", f"--ntasks-per-node={max(args.gpus_per_node, 1)}"]
     exports = ["ALL"]
     if args.gpus_per_node == 0:
         exports.append("ACCELERATE_USE_CPU=1")

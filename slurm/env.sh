@@ -14,9 +14,15 @@ if [[ -z "${VIRTUAL_ENV:-}" && -f .venv/bin/activate ]]; then
 fi
 # source ~/miniforge3/etc/profile.d/conda.sh && conda activate cityseg
 
+# --- network ---
+# slurm/train.sh sets GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME on every node to the interface that routes to
+# the rendezvous host (rank 0's node). Name it yourself when that guess is wrong (e.g. IPoIB over Ethernet):
+# export CITYSEG_SOCKET_IFNAME=ib0
+# albumentations asks PyPI for its latest version at import, in every process: compute nodes are often offline.
+export NO_ALBUMENTATIONS_UPDATE=1
+
 # --- NCCL (multi-node GPU) ---
 # export NCCL_DEBUG=WARN                 # INFO when a rendezvous or collective hangs
-# export NCCL_SOCKET_IFNAME=ib0          # the interface the nodes reach each other on
 # export NCCL_IB_DISABLE=1               # only if InfiniBand is broken or absent
 
 # --- CPU-only nodes ---

@@ -1,58 +1,58 @@
 #!/bin/bash
-# Train cityseg on one or more SLURM nodes with accelerate. Submit from the repository root:
+# Train cityseg on one or more SLURM nodes: srun starts one training process per GPU (no launcher agent in
+# between), each told its rank by SLURM. Submit from the repository root:
 #
-#   mkdir -p logs && sbatch --nodes=2 slurm/train.sh --config configs/demo.yaml train.max_steps=2000
+#   sbatch --nodes=2 slurm/train.sh --config configs/demo.yaml train.max_steps=2000
 #
-# Everything after the script name goes to train.py unchanged. Options on the sbatch command line
-# override the #SBATCH lines below. launch/submit.py validates the config first and does all of this.
+# Everything after the script name goes to train.py unchanged. Options on the sbatch command line override the
+# #SBATCH lines below; launch/submit.py validates the config first. Guide: docs/slurm.md.
 #
 #SBATCH --job-name=cityseg
 #SBATCH --nodes=1
-#SBATCH --ntasks-per-node=1         # one `accelerate launch` per node; it starts one process per GPU
+#SBATCH --ntasks-per-node=4         # one training process per GPU (keep equal to --gpus-per-node)
 #SBATCH --gpus-per-node=4
-#SBATCH --cpus-per-task=32          # for every data-loader worker of the node's processes
+#SBATCH --cpus-per-task=8           # for the data-loader workers of each process
 #SBATCH --time=04:00:00
-#SBATCH --output=logs/%x-%j.out     # %x = job name, %j = job id; logs/ must exist before sbatch
+#SBATCH --output=logs/%x-%j.out     # %x = job name, %j = job id (logs/ ships with the repository)
 #SBATCH --error=logs/%x-%j.err
-#SBATCH --open-mode=append          # a requeued job keeps the same id and writes on in the same files
-#SBATCH --signal=B:USR1@300         # 5 min before the time limit, signal this script (B: = batch shell only)
-#SBATCH --requeue                   # allow `scontrol requeue` (below) to put the job back in the queue
+#SBATCH --open-mode=append          # a requeued job keeps its id and writes on in the same files
+#SBATCH --signal=B:USR1@300         # 5 min before the time limit: checkpoint, requeue
+#SBATCH --requeue                   # a node failure requeues the job; so may this script (exit 75 below)
 
 set -euo pipefail
 say() { echo "cityseg $(date '+%F %T'): $*"; }
 
-# --- the time-limit / preemption signal --------------------------------------------------------
-# --signal=B:USR1 reaches only this shell (so do preemption signals). It is passed on with
-# `scancel --signal=USR1 <job>`, which signals the processes of the job steps (the launcher and the
-# training processes on every node) but not this shell. Training processes that are still starting
-# up ignore USR1 until they install their handler, so it is repeated every 5 s until srun ends;
-# a repeat only sets the training's stop flag again. Trapped from the first line: bash's default
-# for USR1 is to die, and a signal may come before training has even started.
+# --- stop signals ---------------------------------------------------------------------------------
+# USR1 (--signal=B:USR1@300, or PreemptParameters=send_user_signal) and SIGTERM (scancel --signal=TERM --full)
+# reach this shell. Training stops on either at the end of its step, checkpoints and exits 75. It is passed on
+# as USR1 to srun, which forwards it to every task: srun turns a SIGTERM it receives into SIGKILL for all tasks
+# ("srun: forcing job termination"), which is also why srun runs outside this shell's process tree (below).
+# Repeated every 5 s: a process still importing ignores it until its handler is in place.
 srun_pid=
+stop_signal=
 forwarder_pid=
-stop_requested=0
-forward_usr1_until_srun_ends() {
-    ( while kill -0 "$srun_pid" 2>/dev/null; do
-          scancel --signal=USR1 "$SLURM_JOB_ID" || true
-          sleep 5
+forward_stop_until_srun_ends() {
+    ( while [[ -n $srun_pid ]] && kill -0 "$srun_pid" 2>/dev/null; do
+          kill -USR1 "$srun_pid" 2>/dev/null || true
+          sleep 5 || true
       done ) &
     forwarder_pid=$!
 }
-on_usr1() {
-    say "USR1 received (time limit or preemption): asking training to checkpoint and stop"
-    if (( stop_requested )); then return; fi
-    stop_requested=1
-    if [[ -n "$srun_pid" ]]; then forward_usr1_until_srun_ends; fi
+on_stop_signal() {
+    if [[ -n $stop_signal ]]; then return; fi
+    stop_signal=$1
+    say "$1 received (time limit, preemption or scancel): training checkpoints at the end of its step and stops"
+    if [[ -n $srun_pid ]]; then forward_stop_until_srun_ends; fi
 }
-trap on_usr1 USR1
+trap 'on_stop_signal USR1' USR1
+trap 'on_stop_signal SIGTERM' TERM
 
 # sbatch runs a copy of this file from a spool dir; the repository is where sbatch was called.
 cd "${SLURM_SUBMIT_DIR:?run this with sbatch from the repository root}"
 source slurm/env.sh
 
-# --- how many processes ------------------------------------------------------------------
-# One per GPU; on CPU-only nodes one gloo process per node (`accelerate launch --cpu` would start
-# only one process in total, hence ACCELERATE_USE_CPU=1 with the multi-process launcher instead).
+# --- processes -----------------------------------------------------------------------------------
+# One per GPU; on CPU-only nodes (ACCELERATE_USE_CPU=1) one gloo process per node.
 if [[ "${ACCELERATE_USE_CPU:-0}" =~ ^(1|true|True|TRUE|yes)$ ]]; then
     procs_per_node=1
 elif [[ -n "${SLURM_GPUS_ON_NODE:-}" ]]; then
@@ -64,70 +64,98 @@ if (( procs_per_node < 1 )); then
     echo "cityseg: no GPU on $(hostname): ask for --gpus-per-node, or export ACCELERATE_USE_CPU=1 for CPU nodes" >&2
     exit 2
 fi
-num_processes=$(( SLURM_NNODES * procs_per_node ))
-
-# --- rendezvous ----------------------------------------------------------------------------
-# Rank 0 lives on the first node of the allocation. The port comes from the job id, so two jobs
-# sharing a node do not collide, and a requeued job (same id) uses the same one again.
 hosts=$(scontrol show hostnames "$SLURM_JOB_NODELIST")
-main_ip=${hosts%%$'\n'*}
-main_port=$(( 20000 + SLURM_JOB_ID % 20000 ))
-launch_args=(--num_machines "$SLURM_NNODES" --num_processes "$num_processes"
-             --main_process_ip "$main_ip" --main_process_port "$main_port" --dynamo_backend no)
-if (( num_processes > 1 )); then
-    launch_args+=(--multi_gpu)
+export MASTER_ADDR=${hosts%%$'\n'*}   # rank 0 runs on the first node of the allocation
+export LOCAL_WORLD_SIZE=$procs_per_node
+max_restarts=${CITYSEG_MAX_RESTARTS:-2}
+if ! [[ $max_restarts =~ ^[0-9]+$ ]]; then
+    echo "cityseg: CITYSEG_MAX_RESTARTS=$max_restarts: expected a whole number (0 = never restart)" >&2
+    exit 2
 fi
 
-# --- requeue hand-shake --------------------------------------------------------------------
-# On USR1/TERM the training processes checkpoint and exit; accelerate turns their exit code into 1,
-# so the main process writes this file instead once the checkpoint is complete. It exists <=> requeue.
+# --- files this script and the training share ---------------------------------------------------
+# CITYSEG_REQUEUE_FILE appears once a preemption checkpoint is complete (exists <=> requeue);
+# CITYSEG_STEP_FILE holds the last finished step (exists <=> the attempt got past its first step).
 log_dir=$(realpath -m "${CITYSEG_LOG_DIR:-logs}")
 mkdir -p "$log_dir"
-export CITYSEG_REQUEUE_FILE="$log_dir/requeue-${SLURM_JOB_ID}-${SLURM_RESTART_COUNT:-0}"
-rm -f "$CITYSEG_REQUEUE_FILE"
+state="$log_dir/.cityseg-${SLURM_JOB_ID}-${SLURM_RESTART_COUNT:-0}"
+export CITYSEG_REQUEUE_FILE="$state.requeue"
+export CITYSEG_STEP_FILE="$state.step"
 
-say "job $SLURM_JOB_ID restart ${SLURM_RESTART_COUNT:-0} on $SLURM_JOB_NODELIST:" \
-    "$SLURM_NNODES node(s) x $procs_per_node process(es), rank 0 at $main_ip:$main_port"
+say "job $SLURM_JOB_ID restart ${SLURM_RESTART_COUNT:-0} on $SLURM_JOB_NODELIST: $SLURM_NNODES node(s) x" \
+    "$procs_per_node process(es), rendezvous at $MASTER_ADDR; in-job restarts allowed: $max_restarts"
 if (( ${SLURM_RESTART_COUNT:-0} > 0 )); then
     say "requeued run; train.resume=auto picks up the newest checkpoint in output_dir"
 fi
 
-# --- launch: one task per node -------------------------------------------------------------
-# The single quotes matter: $SLURM_NODEID must be expanded by the bash on each node, not here
-# (expanded here, every node would claim machine rank 0 and the rendezvous would hang).
-# `trap "" USR1` makes the launcher ignore USR1 (Python's default for it is to die); the training
-# processes inherit the ignore but install their own handler, which replaces it.
-# Since SLURM 22.05 srun no longer inherits --cpus-per-task from sbatch: without it the data loaders
-# of a node would share one core. --kill-on-bad-exit: one node failing stops the others (no hang).
-srun_args=(--ntasks-per-node=1 --kill-on-bad-exit=1)
+# --- one training attempt: srun starts every process itself ---------------------------------------
+# Each task picks the interface that routes to the rendezvous host (cityseg.netif; CITYSEG_SOCKET_IFNAME
+# overrides): gloo and NCCL would otherwise use the address of the machine's hostname, often 127.0.0.1.
+# `trap "" USR1 TERM` keeps a signal from killing a process still importing; train.py installs its handlers.
+# Since SLURM 22.05 srun no longer inherits --cpus-per-task; --kill-on-bad-exit: one rank failing stops all.
+task='trap "" USR1 TERM
+      ifname=$(python -m cityseg.netif "$MASTER_ADDR") || exit 2
+      export GLOO_SOCKET_IFNAME=${GLOO_SOCKET_IFNAME:-$ifname} NCCL_SOCKET_IFNAME=${NCCL_SOCKET_IFNAME:-$ifname}
+      export RANK=$SLURM_PROCID LOCAL_RANK=$SLURM_LOCALID WORLD_SIZE=$SLURM_NTASKS
+      echo "cityseg: rank $RANK of $WORLD_SIZE on $SLURMD_NODENAME, interface $GLOO_SOCKET_IFNAME"
+      exec python train.py "$@"'
+srun_args=(--nodes="$SLURM_NNODES" --ntasks-per-node="$procs_per_node" --ntasks=$(( SLURM_NNODES * procs_per_node ))
+           --kill-on-bad-exit=1)
 if [[ -n "${SLURM_CPUS_PER_TASK:-}" ]]; then
     srun_args+=(--cpus-per-task="$SLURM_CPUS_PER_TASK")
 fi
-srun "${srun_args[@]}" \
-    bash -c 'trap "" USR1
-             echo "cityseg: node $SLURMD_NODENAME is machine rank $SLURM_NODEID of $SLURM_NNODES"
-             exec accelerate launch --machine_rank "$SLURM_NODEID" "$@"' launcher \
-    "${launch_args[@]}" train.py "$@" &
-srun_pid=$!
-if (( stop_requested )); then forward_usr1_until_srun_ends; fi
 
-# A trapped signal makes `wait` return early; keep waiting until srun itself has ended.
-while kill -0 "$srun_pid" 2>/dev/null; do
-    wait "$srun_pid" || true
-done
-status=0
-wait "$srun_pid" || status=$?
-if [[ -n "$forwarder_pid" ]]; then kill "$forwarder_pid" 2>/dev/null || true; fi
+run_attempt() {  # run_attempt N: sets $status (srun's exit code) and $cause (srun's report of the first failure)
+    local attempt=$1 exit_file="$state.exit" err_file="$state.err" pid_file="$state.pid"
+    shift
+    rm -f "$exit_file" "$err_file" "$pid_file" "$CITYSEG_REQUEUE_FILE" "$CITYSEG_STEP_FILE"
+    export MASTER_PORT=$(( 20000 + (SLURM_JOB_ID * 8 + attempt) % 40000 ))  # a fresh port per attempt
+    # setsid -f: srun leaves this shell's process tree, so a signal for the batch step (scancel --full,
+    # with proctrack/linuxproc) reaches this shell only, never srun; srun's stderr is also kept for $cause.
+    setsid -f bash -c 'srun "${@:4}" 2> >(tee "$2" >&2) & echo $! > "$3"; wait $!; echo $? > "$1"' \
+        wrapper "$exit_file" "$err_file" "$pid_file" "${srun_args[@]}" bash -c "$task" task "$@"
+    while [[ ! -s $pid_file ]]; do sleep 0.2 || true; done
+    srun_pid=$(cat "$pid_file")
+    if [[ -n $stop_signal ]]; then forward_stop_until_srun_ends; fi
+    while [[ ! -s $exit_file ]] && kill -0 "$srun_pid" 2>/dev/null; do sleep 1 || true; done
+    sleep 0.5 || true  # the wrapper writes the exit code right after srun ends
+    status=$(cat "$exit_file" 2>/dev/null || echo 1)
+    srun_pid=
+    if [[ -n $forwarder_pid ]]; then kill "$forwarder_pid" 2>/dev/null || true; forwarder_pid=; fi
+    cause=$(grep -m1 -E 'srun: error: .*(task [0-9]+|Node failure)' "$err_file" 2>/dev/null | sed 's/^srun: error: //' || true)
+    cause=${cause:-exit code $status}
+}
 
-if [[ -f "$CITYSEG_REQUEUE_FILE" ]]; then
-    say "checkpoint $(cat "$CITYSEG_REQUEUE_FILE") complete; requeueing job $SLURM_JOB_ID"
-    rm -f "$CITYSEG_REQUEUE_FILE"
-    # Ends this script: SLURM stops the job and queues it again under the same id (SLURM_RESTART_COUNT+1).
-    if ! scontrol requeue "$SLURM_JOB_ID"; then
-        say "scontrol requeue failed; resubmit by hand, training resumes from the checkpoint"
-        exit 1
+attempt=0
+while true; do
+    run_attempt "$attempt" "$@"
+    if [[ -f $CITYSEG_REQUEUE_FILE ]]; then
+        say "checkpoint $(cat "$CITYSEG_REQUEUE_FILE") complete; requeueing job $SLURM_JOB_ID"
+        rm -f "$state".*
+        # Ends this script: SLURM stops the job and queues it again under the same id (SLURM_RESTART_COUNT+1).
+        if ! scontrol requeue "$SLURM_JOB_ID"; then
+            say "scontrol requeue failed (job cancelled?); the same sbatch command resumes from the checkpoint"
+            exit 75
+        fi
+        exit 0
     fi
-    exit 0
-fi
+    if (( status == 0 )) || [[ -n $stop_signal ]]; then
+        break
+    fi
+    if [[ ! -f $CITYSEG_STEP_FILE ]]; then
+        say "training failed before its first step (exit $status: $cause): a config, data or environment" \
+            "error, not retried"
+        break
+    fi
+    if (( attempt >= max_restarts )); then
+        say "training failed (exit $status: $cause) and all $max_restarts in-job restarts are used" \
+            "(CITYSEG_MAX_RESTARTS): job failed, not requeued"
+        break
+    fi
+    attempt=$(( attempt + 1 ))
+    say "restart $attempt of $max_restarts inside the allocation after a failure at step" \
+        "$(cat "$CITYSEG_STEP_FILE") ($cause): resuming from the last checkpoint"
+done
+rm -f "$state".*
 say "training ended with exit code $status"
 exit "$status"

@@ -1,1 +1,0 @@
-"""Test package (so conftest helpers import as tests.conftest, once)."""
