@@ -12,7 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from cityseg.config import ConfigError, dump_config, load_config
+from cityseg.config import ConfigError, dump_config, load_config, run_config_path
 
 EXIT_USAGE = 2  # argparse's code for a bad command line; also a bad config or override
 
@@ -137,6 +137,15 @@ def _add_data_commands(commands) -> None:
     synth.add_argument("--height", type=int, default=256, help="image height in pixels")
     synth.add_argument("--width", type=int, default=512, help="image width in pixels")
     synth.add_argument("--seed", type=int, default=0, help="random seed: the same seed writes the same files")
+    weights = _command(commands, "weights", "pretrained encoder weights for clusters whose nodes are offline",
+                       "`weights fetch` (on a login node) puts model.encoder's model.encoder_weights into the Hugging "
+                       "Face cache; training with HF_HUB_OFFLINE=1 then finds them.",
+                       "cityseg weights fetch --config configs/deeplabv3plus_r50_512x1024_80k.yaml")
+    fetch = weights.add_subparsers(dest="action", required=True, metavar="<action>").add_parser(
+        "fetch", help="download the encoder weights of a config into the Hugging Face cache")
+    _config_args(fetch, "model.encoder=resnet50")
+    fetch.add_argument("--cache-dir", default=None, help="a cache directory of your own (default: HF_HUB_CACHE, "
+                       "else ~/.cache/huggingface/hub); training then needs HF_HUB_CACHE set to it")
 
 
 def _is_main_rank() -> bool:
@@ -152,20 +161,8 @@ def _one_line(err: Exception) -> str:
     return text.splitlines()[0] if text else type(err).__name__
 
 
-def run_config_of(checkpoint: str) -> Path:
-    """The config.yaml recorded beside weights: in a checkpoint directory, or in the run directory above."""
-    path = Path(checkpoint)
-    candidates = [path / "config.yaml", path.parent / "config.yaml", path.parent.parent / "config.yaml"]
-    if path.is_file():
-        candidates = candidates[1:]
-    for candidate in candidates:
-        if candidate.is_file():
-            return candidate
-    raise ConfigError(f"{checkpoint}: no config.yaml in its run directory; name the config with --config")
-
-
 def _config_for(args) -> object:
-    path = args.config if args.config is not None else run_config_of(args.checkpoint)
+    path = args.config if args.config is not None else run_config_path(args.checkpoint)
     return load_config(path, args.overrides)
 
 
@@ -269,9 +266,28 @@ def run_bench(args) -> int:
     return 0
 
 
+def run_weights(args) -> int:
+    cfg = load_config(args.config, args.overrides)
+    from cityseg.weights import WeightsError, cache_dir, fetch
+
+    try:
+        paths = fetch(cfg.model, args.cache_dir)
+    except WeightsError as err:
+        sys.stderr.write(f"error: {err}\n")
+        return 1
+    if not paths:
+        print(f"nothing to fetch: model.encoder_weights is {cfg.model.encoder_weights!r}")
+        return 0
+    where = Path(args.cache_dir).resolve() if args.cache_dir else cache_dir()
+    print(f"{cfg.model.encoder} '{cfg.model.encoder_weights}' weights in {where} ({len(paths)} file(s))")
+    if args.cache_dir:
+        print(f"train with: export HF_HUB_CACHE={where} HF_HUB_OFFLINE=1")
+    return 0
+
+
 COMMANDS = {"train": run_train, "evaluate": run_evaluate, "predict": run_predict, "export": run_export,
             "check": run_check, "config": run_config, "synth": run_synth, "prepare": run_prepare,
-            "bench": run_bench}
+            "bench": run_bench, "weights": run_weights}
 
 
 def user_errors() -> tuple[type, ...]:

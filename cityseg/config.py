@@ -333,6 +333,17 @@ def _check_config(config: Config) -> None:
     _check_model_names(config.model)
 
 
+def run_config_path(weights: str | Path) -> Path:
+    """The config.yaml recorded beside weights: in a checkpoint directory, or in the run directory above it."""
+    path = Path(weights)
+    candidates = [path / "config.yaml"] if path.is_dir() else []
+    candidates += [path.parent / "config.yaml", path.parent.parent / "config.yaml"]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    raise ConfigError(f"{weights}: no config.yaml recorded in its run directory; name the config with --config")
+
+
 def dump_config(config: Config) -> str:
     """The resolved config as YAML: what `cityseg config` prints and config.yaml holds."""
     return yaml.safe_dump(to_dict(config), sort_keys=False, default_flow_style=None)  # lists on one line

@@ -1,0 +1,103 @@
+"""Segment from Python: load a run once, predict on image arrays or batch tensors, as `cityseg evaluate` does.
+
+    from cityseg.api import Segmenter
+    segmenter = Segmenter.load("runs/demo", overrides=["eval.flip=true"])
+    train_ids = segmenter.predict(rgb)            # (H, W) uint8 from an (H, W, 3) uint8 RGB array
+    colours = segmenter.colorize(train_ids)       # (H, W, 3) uint8, the official Cityscapes colours
+"""
+from __future__ import annotations
+
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cityseg.checkpoint import CheckpointError, load_weights
+from cityseg.config import Config, load_config, run_config_path
+from cityseg.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from cityseg.inference import segment_logits, upsampled_argmax
+from cityseg.labels import class_names, colorize, to_label_ids_lut
+from cityseg.model import build_model
+
+AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def weights_path(path: str | Path) -> Path:
+    """A run directory means its exported model.safetensors; a checkpoint directory or a file is used as given."""
+    path = Path(path)
+    if (path / "model.safetensors").is_file() and not (path / "trainer_state.json").is_file():
+        return path / "model.safetensors"
+    if not path.exists():
+        raise CheckpointError(f"{path}: no run directory, checkpoint directory or weights file there")
+    return path
+
+
+class Segmenter:
+    """A trained network with its config: preprocessing, eval.* (sliding, flip, scales) and precision as in
+    `cityseg evaluate`. Change options between calls through `segmenter.cfg.eval` (e.g. `.flip = True`)."""
+
+    def __init__(self, model: torch.nn.Module, cfg: Config, device: torch.device):
+        self.model, self.cfg, self.device = model.to(device).eval(), cfg, device
+        self.class_names = class_names(cfg.data.label_scheme)
+        self._mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1) * 255
+        self._std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1) * 255
+
+    @classmethod
+    def load(cls, path: str | Path, config: str | Path | None = None, overrides: list[str] = (),
+             device: str | torch.device | None = None) -> Segmenter:
+        """path: a run directory (<output_dir>), a checkpoint directory (checkpoints/step_N, checkpoints/best) or a
+        model.safetensors file. config: default the config.yaml recorded beside the weights. device: default CUDA
+        if available, else the CPU."""
+        weights = weights_path(path)
+        cfg = load_config(config if config is not None else run_config_path(weights), list(overrides))
+        model = build_model(cfg.model, len(class_names(cfg.data.label_scheme)))
+        load_weights(model, weights)
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        return cls(model, cfg, device)
+
+    def _autocast(self):
+        dtype = AUTOCAST.get(self.cfg.train.mixed_precision)
+        if dtype is None or (dtype is torch.float16 and self.device.type != "cuda"):
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    def _normalized(self, images: torch.Tensor) -> torch.Tensor:
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"expected a (B, 3, H, W) batch, got shape {tuple(images.shape)}")
+        images = images.to(self.device)
+        if images.dtype == torch.uint8:  # raw RGB: the pipeline's normalization (albumentations Normalize)
+            return (images.float() - self._mean) / self._std
+        if not images.is_floating_point():
+            raise ValueError(f"expected uint8 RGB or normalized float images, got {images.dtype}")
+        return images.float()
+
+    @torch.inference_mode()
+    def logits(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, classes, h, w) float logits at data.image_size. images: (B, 3, H, W) uint8 RGB, or float already
+        normalized as the training data is (ImageNet mean / std)."""
+        with self._autocast():
+            return segment_logits(self.model, self._normalized(images), self.cfg.data.image_size, self.cfg.eval).float()
+
+    @torch.inference_mode()
+    def predict_batch(self, images: torch.Tensor, full_resolution: bool = True) -> torch.Tensor:
+        """(B, H, W) int64 training indices: at the images' size (full_resolution, logits upsampled bilinearly
+        as `cityseg evaluate --mode full`), or at data.image_size (what training validates)."""
+        logits = self.logits(images)
+        return upsampled_argmax(logits, images.shape[-2:] if full_resolution else logits.shape[-2:])
+
+    def predict(self, image: np.ndarray, full_resolution: bool = True) -> np.ndarray:
+        """(H, W) uint8 training indices (see class_names) of one (H, W, 3) uint8 RGB image."""
+        if not (isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3):
+            described = f"{image.dtype} {image.shape}" if isinstance(image, np.ndarray) else type(image).__name__
+            raise ValueError(f"expected an (H, W, 3) uint8 RGB array, got {described}")
+        batch = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None]
+        return self.predict_batch(batch, full_resolution)[0].to(torch.uint8).cpu().numpy()
+
+    def colorize(self, prediction: np.ndarray) -> np.ndarray:
+        """(H, W, 3) uint8 RGB in the official Cityscapes colours."""
+        return colorize(prediction, self.cfg.data.label_scheme)
+
+    def to_label_ids(self, prediction: np.ndarray) -> np.ndarray:
+        """Official Cityscapes label ids (what the benchmark server and `cityseg predict`'s labelIds/ hold)."""
+        return to_label_ids_lut(self.cfg.data.label_scheme)[prediction]
