@@ -5,6 +5,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from cityseg.data.photometric import distort_batch, draw_params, params_table
 from cityseg.data.transforms import IMAGENET_MEAN, IMAGENET_STD, sample_seed
 from cityseg.labels import IGNORE_INDEX
 
@@ -24,9 +25,9 @@ def sample_params(data_cfg, seed: int, epoch: int, index: int) -> tuple[float, f
     return scale, float(top), float(left), flip
 
 
-def augment_batch(images: torch.Tensor, masks: torch.Tensor, indices, data_cfg, seed: int, epoch: int):
-    """uint8 images [B, 3, h, w] and masks [B, h, w] from the cache → normalized float images and long masks at
-    data.crop_size (or data.image_size): resize, random scale, crop (padding 0 / 255), flip, normalize.
+def sample_theta(data_cfg, seed: int, epoch: int, indices) -> torch.Tensor:
+    """The affine sampling matrices [B, 2, 3] of a batch's samples: drawn on the host (in a loader worker, see
+    AugmentParamsCollate), so the device never hands indices back to the host.
 
     Output pixel centre t (in crop pixels) samples the cache at (offset + t) / scaled_size in normalized
     coordinates, whatever the cache's own size, so the resize to image_size is folded into the same resampling.
@@ -40,13 +41,64 @@ def augment_batch(images: torch.Tensor, masks: torch.Tensor, indices, data_cfg, 
         sign = -1.0 if flip else 1.0
         theta[row, 0, 0], theta[row, 0, 2] = sign * crop_w / scaled_w, (2 * left + crop_w) / scaled_w - 1
         theta[row, 1, 1], theta[row, 1, 2] = crop_h / scaled_h, (2 * top + crop_h) / scaled_h - 1
-    theta = theta.to(images.device)
-    grid = F.affine_grid(theta, [len(theta), 1, crop_h, crop_w], align_corners=False)
+    return theta
+
+
+def sample_photometric(data_cfg, seed: int, epoch: int, indices) -> torch.Tensor | None:
+    """[B, 5] photometric draws (data.photometric) of a batch's samples, each from its own seeded stream; None when
+    off. The CPU path draws from albumentations' stream instead: the same distribution, not the same numbers."""
+    if not getattr(data_cfg, "photometric", False):
+        return None
+    return params_table([draw_params(np.random.default_rng([sample_seed(seed, epoch, index), 1]))
+                         for index in indices])
+
+
+class AugmentParamsCollate:
+    """collate_fn of a device_augment loader: (uint8 images, masks, theta) with theta drawn in the worker for the
+    epoch in the dataset's shared memory (persistent workers see every set_epoch)."""
+
+    def __init__(self, collate, data_cfg, seed: int, shared_epoch: torch.Tensor):
+        self.collate, self.data_cfg, self.seed, self.shared_epoch = collate, data_cfg, seed, shared_epoch
+
+    def __call__(self, batch):
+        images, masks, indices = self.collate(batch)
+        epoch, indices = int(self.shared_epoch), indices.tolist()
+        theta = sample_theta(self.data_cfg, self.seed, epoch, indices)
+        photometric = sample_photometric(self.data_cfg, self.seed, epoch, indices)
+        return images, masks, theta if photometric is None else (theta, photometric)
+
+
+def augment_batch(images: torch.Tensor, masks: torch.Tensor, indices, data_cfg, seed: int, epoch: int):
+    """uint8 images [B, 3, h, w] and masks [B, h, w] from the cache → normalized float images and long masks at
+    data.crop_size (or data.image_size): resize, random scale, crop (padding 0 / 255), flip, normalize."""
+    indices = indices.tolist() if torch.is_tensor(indices) else list(indices)
+    theta = sample_theta(data_cfg, seed, epoch, indices).to(images.device)
+    photometric = sample_photometric(data_cfg, seed, epoch, indices)
+    return augment_with_theta(images, masks, theta if photometric is None else (theta, photometric.to(images.device)),
+                              data_cfg)
+
+
+_NORMALIZE = {}  # device -> (mean, std) * 255, made once: a host->device copy per batch would sync
+
+
+def augment_with_theta(images: torch.Tensor, masks: torch.Tensor, theta: torch.Tensor, data_cfg):
+    """augment_batch with the sampling matrices given (on the images' device); no host read or copy. With
+    data.photometric, `theta` is the pair (theta, photometric table) AugmentParamsCollate sends."""
+    photometric = None
+    if isinstance(theta, (tuple, list)):
+        theta, photometric = theta
+    height, width = data_cfg.image_size
+    crop_h, crop_w = data_cfg.crop_size or (height, width)
+    grid = F.affine_grid(theta.float(), [len(theta), 1, crop_h, crop_w], align_corners=False)
     pixels = F.grid_sample(images.float(), grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     # masks + 1 so that the zeros grid_sample pads with become -1, then IGNORE_INDEX
     labels = F.grid_sample(masks[:, None].float() + 1, grid, mode="nearest", padding_mode="zeros",
                            align_corners=False)[:, 0].long() - 1
-    labels[labels < 0] = IGNORE_INDEX
-    mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1) * 255
-    std = torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1) * 255
+    labels = torch.where(labels < 0, IGNORE_INDEX, labels)  # not labels[labels < 0] = ...: a boolean index syncs
+    if images.device not in _NORMALIZE:
+        _NORMALIZE[images.device] = (torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1) * 255,
+                                     torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1) * 255)
+    mean, std = _NORMALIZE[images.device]
+    if photometric is not None:
+        pixels = distort_batch(pixels, photometric)
     return (pixels - mean) / std, labels

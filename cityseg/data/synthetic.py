@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import multiprocessing
 from pathlib import Path
 
+import cv2
 import numpy as np
 from PIL import Image
 from torchvision.datasets import Cityscapes
@@ -139,36 +141,79 @@ def _make_label_map(rng: np.random.Generator, h: int, w: int, image_index: int):
     return label, instance, polygons
 
 
-def _render_image(rng: np.random.Generator, label: np.ndarray, noise_sigma: float = 20.0) -> np.ndarray:
-    """Noisy rendering of the label map: per-class colour, per-image brightness jitter, Gaussian pixel noise."""
+def _smooth_noise(rng: np.random.Generator, h: int, w: int, cell: int) -> np.ndarray:
+    """Noise with structures about `cell` pixels wide (bilinear upsampling of a coarse grid), unit std."""
+    coarse = rng.normal(0.0, 1.0, size=(h // cell + 2, w // cell + 2)).astype(np.float32)
+    return cv2.resize(coarse, (w + 2 * cell, h + 2 * cell), interpolation=cv2.INTER_CUBIC)[cell:cell + h,
+                                                                                         cell:cell + w]
+
+
+def _render_image(rng: np.random.Generator, label: np.ndarray) -> np.ndarray:
+    """A street photo's statistics on the label map: flat class colours with per-image brightness, smooth shading
+    (sun, vignetting), class textures at a few scales (asphalt grain, foliage, facades), soft edges and mild
+    sensor noise. A 2048x1024 frame compresses to about 2 MB of PNG, like a real Cityscapes frame; the colours
+    keep the classes apart, so a small network still learns them."""
+    h, w = label.shape
+    scale = max(h, w) / 2048  # textures and blur follow the image size
     image = RENDER_COLOR[label] * rng.uniform(0.85, 1.15)
-    image += rng.normal(0.0, noise_sigma, size=image.shape).astype(np.float32)
+    shading = 1.0 + 0.12 * _smooth_noise(rng, h, w, max(4, int(256 * scale)))
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    vignette = 1.0 - 0.25 * (((xx - w / 2) / w) ** 2 + ((yy - h / 2) / h) ** 2)
+    image *= (shading * vignette)[..., None]
+    texture = sum(amp * _smooth_noise(rng, h, w, max(1, int(cell * scale)))
+                  for amp, cell in ((7.0, 24), (5.0, 6), (2.0, 2)))
+    strength = TEXTURE_STRENGTH[label]  # vegetation and road grain show, sky stays smooth
+    image += (texture * strength)[..., None]
+    blur = max(1, int(round(2 * scale))) * 2 + 1
+    image = cv2.GaussianBlur(image, (blur, blur), 0)  # lens softness: edges are not one-pixel steps
+    image += rng.normal(0.0, SENSOR_NOISE, size=image.shape).astype(np.float32)
     return np.clip(image, 0, 255).astype(np.uint8)
 
 
+def _texture_strengths() -> np.ndarray:
+    strengths = np.ones(256, np.float32)
+    for name, value in (("sky", 0.2), ("road", 1.2), ("vegetation", 2.0), ("terrain", 1.6), ("building", 1.3)):
+        strengths[BY_NAME[name].id] = value
+    return strengths
+
+
+TEXTURE_STRENGTH = _texture_strengths()
+SENSOR_NOISE = 1.1  # grey levels: mild; noise is what makes PNGs of photos large
+
+
+def _write_one(job) -> None:
+    out, split, split_index, i, height, width, seed = job
+    # One generator per (seed, split, image): splits differ and images do not depend on split sizes.
+    rng = np.random.default_rng([seed, split_index, i])
+    cities = CITIES[split]
+    city, sequence = cities[i % len(cities)], i // len(cities)
+    stem = f"{city}_{sequence:06d}_000019"  # frame 19 is the annotated frame in the official data
+    image_dir = out / "leftImg8bit" / split / city
+    label_dir = out / "gtFine" / split / city
+    image_dir.mkdir(parents=True, exist_ok=True)
+    label_dir.mkdir(parents=True, exist_ok=True)
+
+    label, instance, polygons = _make_label_map(rng, height, width, i)
+    cv2.imwrite(str(image_dir / f"{stem}_leftImg8bit.png"), _render_image(rng, label)[..., ::-1])
+    Image.fromarray(label, "L").save(label_dir / f"{stem}_gtFine_labelIds.png")
+    color = np.concatenate([OFFICIAL_COLOR[label], np.full((height, width, 1), 255, np.uint8)], -1)
+    Image.fromarray(color, "RGBA").save(label_dir / f"{stem}_gtFine_color.png")
+    Image.fromarray(instance).save(label_dir / f"{stem}_gtFine_instanceIds.png")
+    annotation = {"imgHeight": height, "imgWidth": width, "objects": polygons}
+    (label_dir / f"{stem}_gtFine_polygons.json").write_text(json.dumps(annotation))
+
+
 def write_synthetic(out: str | Path, n_train: int = 24, n_val: int = 7, height: int = 256, width: int = 512,
-                    seed: int = 0, n_test: int = 0) -> dict[str, int]:
-    """returns {split: number_of_images}"""
+                    seed: int = 0, n_test: int = 0, workers: int = 1) -> dict[str, int]:
+    """returns {split: number_of_images}; `workers` processes write images in parallel (same files for any)."""
     out = Path(out)
     counts = {"train": n_train, "val": n_val, "test": n_test}
-    for split_index, (split, n_images) in enumerate(counts.items()):
-        cities = CITIES[split]
-        for i in range(n_images):
-            # One generator per (seed, split, image): splits differ and images do not depend on split sizes.
-            rng = np.random.default_rng([seed, split_index, i])
-            city, sequence = cities[i % len(cities)], i // len(cities)
-            stem = f"{city}_{sequence:06d}_000019"  # frame 19 is the annotated frame in the official data
-            image_dir = out / "leftImg8bit" / split / city
-            label_dir = out / "gtFine" / split / city
-            image_dir.mkdir(parents=True, exist_ok=True)
-            label_dir.mkdir(parents=True, exist_ok=True)
-
-            label, instance, polygons = _make_label_map(rng, height, width, i)
-            Image.fromarray(_render_image(rng, label), "RGB").save(image_dir / f"{stem}_leftImg8bit.png")
-            Image.fromarray(label, "L").save(label_dir / f"{stem}_gtFine_labelIds.png")
-            color = np.concatenate([OFFICIAL_COLOR[label], np.full((height, width, 1), 255, np.uint8)], -1)
-            Image.fromarray(color, "RGBA").save(label_dir / f"{stem}_gtFine_color.png")
-            Image.fromarray(instance).save(label_dir / f"{stem}_gtFine_instanceIds.png")
-            annotation = {"imgHeight": height, "imgWidth": width, "objects": polygons}
-            (label_dir / f"{stem}_gtFine_polygons.json").write_text(json.dumps(annotation))
+    jobs = [(out, split, split_index, i, height, width, seed)
+            for split_index, (split, n_images) in enumerate(counts.items()) for i in range(n_images)]
+    if workers > 1 and len(jobs) > 1:
+        with multiprocessing.get_context("spawn").Pool(min(workers, len(jobs))) as pool:
+            pool.map(_write_one, jobs, chunksize=1)
+    else:
+        for job in jobs:
+            _write_one(job)
     return counts

@@ -1,0 +1,334 @@
+"""`bash bench/gpu_proof.sh`: the GPU path measured in one go — step speed and MFU per precision, syncs per step,
+data wait per loader, full-resolution evaluation, a short run whose mIoU rises; one JSON and a table."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+FULL = {"source": [1024, 2048], "train": 256, "val": 32, "size": [256, 512], "batch": 32, "workers": 8,
+        "steps": 30, "warmup": 8, "run_epochs": 6, "loader_epochs": 3, "eval_images": 8}
+QUICK = {"source": [64, 128], "train": 16, "val": 4, "size": [32, 64], "batch": 4, "workers": 2,
+         "steps": 2, "warmup": 1, "run_epochs": 2, "loader_epochs": 1, "eval_images": 2}
+STEP_VARIANTS = {  # name: (mixed precision, channels_last, compile)
+    "fp32": ("no", False, False), "bf16": ("bf16", False, False), "bf16_channels_last": ("bf16", True, False),
+    "bf16_channels_last_compile": ("bf16", True, True), "fp16_grad_scaler": ("fp16", False, False),
+}
+
+
+def proof_config(work: Path, sizes: dict, **overrides) -> dict:
+    """The seed recipe at the proof's sizes, as a config tree (written to YAML for the child processes)."""
+    tree = yaml.safe_load((REPO / "configs" / "seed_unet_mobilenetv3.yaml").read_text())
+    tree["data"].update(root=str(work / "data"), image_size=sizes["size"], batch_size=sizes["batch"],
+                        num_workers=sizes["workers"])
+    tree["tracking"] = {"wandb": {"mode": "disabled"}}
+    for dotted, value in overrides.items():
+        node = tree
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return tree
+
+
+def child(args: list[str], work: Path, timeout: float) -> subprocess.CompletedProcess:
+    """A fresh Python process (its own Accelerator and CUDA context); its last stdout line is JSON when asked."""
+    env = dict(os.environ, PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", WANDB_MODE="disabled")
+    result = subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True,
+                            timeout=timeout)
+    (work / "logs").mkdir(exist_ok=True)
+    name = "_".join(a.replace("/", "-") for a in args[:4] if not a.startswith("-"))[-80:]
+    (work / "logs" / f"{name}.log").write_text(result.stdout + "\n--- stderr ---\n" + result.stderr)
+    if result.returncode != 0:
+        raise RuntimeError(f"gpu_proof: {' '.join(args[:6])} exited {result.returncode}: "
+                           f"{result.stderr.strip().splitlines()[-1] if result.stderr.strip() else ''}")
+    return result
+
+
+# ---- in a child: the training step of one precision variant, on device-resident synthetic batches
+
+def count_syncs(step, repeats: int) -> int | None:
+    """Synchronizing CUDA calls made by `repeats` calls of step, under torch.cuda.set_sync_debug_mode("warn")."""
+    if not torch.cuda.is_available():
+        return None
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            for _ in range(repeats):
+                step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    messages = [str(w.message) for w in caught if "synchroniz" in str(w.message)]
+    for message in messages[:3]:
+        print(f"sync: {message.splitlines()[0]}", file=sys.stderr)
+    return len(messages) // repeats if repeats else 0
+
+
+def step_child(cfg_path: str, variant: str, steps: int, warmup: int) -> dict:
+    from cityseg.config import load_config
+    from cityseg.flops import peak_flops, train_flops_per_image
+    from cityseg.labels import num_classes
+    from cityseg.losses import build_loss
+    from cityseg.model import build_model
+    from cityseg.optim import build_optimizer
+    from cityseg.runtime import make_accelerator
+    from cityseg.step import StepStats, train_step
+
+    precision, channels_last, compiled = STEP_VARIANTS[variant]
+    cfg = load_config(cfg_path, [f"train.mixed_precision='{precision}'"])  # quoted: YAML reads no as false
+    accelerator = make_accelerator(cfg)
+    device, classes = accelerator.device, num_classes(cfg.data.label_scheme)
+    torch.backends.cudnn.benchmark = True
+    torch.manual_seed(0)
+    model = build_model(cfg.model, classes)
+    flops = train_flops_per_image(model, cfg.data.image_size)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    model, optimizer = accelerator.prepare(model, build_optimizer(model, cfg.optim))
+    if compiled:
+        model = torch.compile(model)
+    loss_fn, stats = build_loss(cfg.loss, classes).to(device), StepStats(device)
+    height, width = cfg.data.image_size
+    images = torch.randn(cfg.data.batch_size, 3, height, width, device=device)
+    images = images.contiguous(memory_format=torch.channels_last) if channels_last else images
+    masks = torch.randint(0, classes, (cfg.data.batch_size, height, width), device=device)
+    model.train()
+
+    def step():
+        train_step(accelerator, model, optimizer, loss_fn, images, masks, cfg.optim.lr, None, stats, 0)
+
+    started = time.perf_counter()
+    for _ in range(warmup):
+        step()
+    stats.take()  # waits for the warm-up (compilation, cuDNN autotuning)
+    warmup_s = time.perf_counter() - started
+    syncs = count_syncs(step, repeats=3)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        torch.cuda.synchronize()
+    started = time.perf_counter()
+    for _ in range(steps):
+        step()
+    loss = stats.take()["loss"]  # the only host read: after the timed steps
+    seconds = (time.perf_counter() - started) / steps
+    peak, peak_name = peak_flops(device, precision)
+    images_per_s = cfg.data.batch_size / seconds
+    return {"variant": variant, "step_s": seconds, "images_per_s": images_per_s, "warmup_s": warmup_s,
+            "mfu": flops * images_per_s / peak if peak else None, "peak": peak_name, "gflop_per_image": flops / 1e9,
+            "syncs_per_step": syncs, "loss": loss, "batch": cfg.data.batch_size, "device": device_name(device),
+            **memory(device)}
+
+
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def memory(device: torch.device) -> dict:
+    if device.type != "cuda":
+        return {}
+    return {"peak_allocated_gb": torch.cuda.max_memory_allocated() / 2**30,
+            "peak_reserved_gb": torch.cuda.max_memory_reserved() / 2**30}
+
+
+# ---- in a child: full-resolution evaluation (sliding window + flip) of the trained run's weights
+
+def eval_child(cfg_path: str, weights: str, images: int) -> dict:
+    from cityseg.checkpoint import load_weights
+    from cityseg.config import load_config
+    from cityseg.data.loaders import eval_dataset
+    from cityseg.inference import segment_logits
+    from cityseg.labels import num_classes
+    from cityseg.model import build_model
+    from cityseg.runtime import make_accelerator
+
+    cfg = load_config(cfg_path, ["eval.mode=full", "eval.sliding=true", "eval.flip=true",
+                                 "train.mixed_precision=bf16" if torch.cuda.is_available() else "train.mixed_precision='no'"])
+    accelerator = make_accelerator(cfg)
+    model = build_model(cfg.model, num_classes(cfg.data.label_scheme))
+    load_weights(model, Path(weights))
+    model = model.to(accelerator.device).eval()
+    dataset = eval_dataset(cfg, full_resolution=True)
+    batch = [dataset[i][0] for i in range(min(images, len(dataset)))]
+    height, width = batch[0].shape[-2:]
+    net_size = [height, width]  # full resolution: the network sees the source size through the sliding window
+    crop = [min(cfg.eval.crop_size[0], height), min(cfg.eval.crop_size[1], width)]
+    cfg.eval.crop_size, cfg.eval.stride = crop, [max(1, c * 2 // 3) for c in crop]
+    with torch.no_grad(), accelerator.autocast():
+        segment_logits(model, batch[0][None].to(accelerator.device), net_size, cfg.eval)  # warm-up
+        if accelerator.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        started = time.perf_counter()
+        for image in batch:
+            segment_logits(model, image[None].to(accelerator.device), net_size, cfg.eval).argmax(1).cpu()
+    seconds = time.perf_counter() - started
+    return {"images": len(batch), "size": [height, width], "window": crop, "flip": True,
+            "images_per_s": len(batch) / seconds, **memory(accelerator.device)}
+
+
+# ---- the driver: data, cache, children, report
+
+def make_data(work: Path, sizes: dict) -> dict:
+    from cityseg.data.synthetic import write_synthetic
+
+    started = time.perf_counter()
+    height, width = sizes["source"]
+    write_synthetic(work / "data", n_train=sizes["train"], n_val=sizes["val"], height=height, width=width,
+                    seed=0, workers=os.cpu_count() or 1)
+    pngs = sorted((work / "data" / "leftImg8bit").rglob("*.png"))
+    return {"train": sizes["train"], "val": sizes["val"], "size": sizes["source"],
+            "mean_png_mb": statistics.mean(p.stat().st_size for p in pngs) / 1e6,
+            "seconds": time.perf_counter() - started}
+
+
+def write_config(work: Path, name: str, tree: dict) -> Path:
+    path = work / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    return path
+
+
+def train_run(work: Path, name: str, tree: dict, timeout: float) -> dict:
+    """`python train.py` with this config; its data wait, images/s and mIoU per evaluation, as the user sees them."""
+    tree["output_dir"] = str(work / "runs" / name)
+    result = child(["train.py", "--config", str(write_config(work, name, tree))], work, timeout)
+    out = Path(tree["output_dir"])
+    records = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    verdicts = [line for line in result.stdout.splitlines() if "-bound:" in line]
+    last_epoch = [r for r in records if r["epoch"] == records[-1]["epoch"]] or records
+    waits = [float(line.split(": ")[2].split("%")[0]) / 100 for line in verdicts]
+    return {"data_wait_last_epoch": waits[-1] if waits else None, "data_wait_per_epoch": waits,
+            "images_per_s": statistics.median(r["images_per_s"] for r in last_epoch), "verdicts": verdicts,
+            "mIoU": [m["mIoU"] for m in metrics], "steps": records[-1]["step"],
+            "mfu": statistics.median(r["mfu"] for r in last_epoch) if "mfu" in records[-1] else None,
+            "peak_allocated_gb": records[-1].get("mem_allocated_gb")}
+
+
+def measure(work: Path, sizes: dict, quick: bool, say) -> dict:
+    cuda = torch.cuda.is_available()
+    report = {"machine": {"cpus": os.cpu_count(), "torch": torch.__version__, "cuda": cuda}}
+    report["data"] = make_data(work, sizes)
+    say(f"data: {report['data']}")
+    base = proof_config(work, sizes, **{"data.cache.dir": str(work / "cache"), "train.log_every": 2,
+                                        "train.channels_last": cuda, "train.mixed_precision": "bf16" if cuda else "no"})
+    started = time.perf_counter()
+    child(["-m", "cityseg", "prepare", "--config", str(write_config(work, "prepare", base))], work, 600)
+    report["cache_build_s"] = time.perf_counter() - started
+    variants = list(STEP_VARIANTS) if cuda else ["fp32"]
+    report["steps"] = {}
+    for variant in variants:
+        result = child(["-m", "cityseg.gpu_proof", "--child", "step", "--config", str(write_config(work, "step", base)),
+                        "--variant", variant, "--steps", str(sizes["steps"]), "--warmup", str(sizes["warmup"])],
+                       work, 400)
+        report["steps"][variant] = json.loads(result.stdout.strip().splitlines()[-1])
+        say(f"step {variant}: {report['steps'][variant]}")
+    loaders = {"cached_device_augment": {"data.cache.device_augment": True},
+               "cached_cpu_augment": {}, "uncached": {"data.cache.dir": None}}
+    report["loaders"] = {}
+    for name, changes in loaders.items():
+        epochs = sizes["run_epochs"] if name == "cached_device_augment" else sizes["loader_epochs"]
+        every = 1 if name == "cached_device_augment" else 1000  # the mIoU run validates every epoch
+        tree = proof_config(work, sizes, **{"data.cache.dir": str(work / "cache"), "train.log_every": 2,
+                                            "train.channels_last": cuda, "train.epochs": epochs,
+                                            "train.eval_every_epochs": every,
+                                            "train.mixed_precision": "bf16" if cuda else "no", **changes})
+        report["loaders"][name] = train_run(work, name, tree, 600)
+        say(f"loader {name}: {report['loaders'][name]}")
+    weights = work / "runs" / "cached_device_augment" / "model.safetensors"
+    result = child(["-m", "cityseg.gpu_proof", "--child", "eval", "--config", str(work / "cached_device_augment.yaml"),
+                    "--weights", str(weights), "--images", str(sizes["eval_images"])], work, 400)
+    report["full_resolution_eval"] = json.loads(result.stdout.strip().splitlines()[-1])
+    return report
+
+
+def verdict(report: dict) -> dict:
+    """The issue's targets, checked: 0 syncs per step, >= 2,000 img/s bf16 with < 5% data wait, mIoU rises."""
+    steps, run = report["steps"], report["loaders"]["cached_device_augment"]
+    syncs = [s["syncs_per_step"] for s in steps.values() if s["syncs_per_step"] is not None]
+    best_bf16 = max((s["images_per_s"] for name, s in steps.items() if name.startswith("bf16")), default=None)
+    return {"zero_syncs_per_step": all(n == 0 for n in syncs) if syncs else None,
+            "bf16_2000_img_s": best_bf16 >= 2000 if best_bf16 is not None else None,
+            "data_wait_under_5pct": (run["data_wait_last_epoch"] or 0) < 0.05,
+            "miou_rises": len(run["mIoU"]) > 1 and run["mIoU"][-1] > run["mIoU"][0]}
+
+
+def print_table(report: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    device = next(iter(report["steps"].values()))["device"]
+    table = Table(title=f"cityseg GPU proof on {device}: seed model, {report['setup']['size'][0]}x"
+                        f"{report['setup']['size'][1]}, batch {report['setup']['batch']}")
+    for column in ("measurement", "img/s", "MFU", "data wait", "peak mem GiB", "syncs/step"):
+        table.add_column(column, justify="left" if column == "measurement" else "right")
+
+    def pct(value):
+        return "" if value is None else f"{100 * value:.1f}%"
+
+    def gib(value):
+        return "" if value is None else f"{value:.2f}"
+
+    for name, step in report["steps"].items():
+        table.add_row(f"step {name}", f"{step['images_per_s']:.0f}", pct(step["mfu"]), "",
+                      gib(step.get("peak_allocated_gb")), "" if step["syncs_per_step"] is None
+                      else str(step["syncs_per_step"]))
+    for name, run in report["loaders"].items():
+        table.add_row(f"train.py, loader {name}", f"{run['images_per_s']:.0f}", pct(run["mfu"]),
+                      pct(run["data_wait_last_epoch"]), gib(run["peak_allocated_gb"]), "")
+    evaluation = report["full_resolution_eval"]
+    table.add_row(f"eval {evaluation['size'][0]}x{evaluation['size'][1]}, sliding {evaluation['window']} + flip",
+                  f"{evaluation['images_per_s']:.1f}", "", "", gib(evaluation.get("peak_allocated_gb")), "")
+    miou = report["loaders"]["cached_device_augment"]["mIoU"]
+    table.add_row("mIoU per epoch (cached + device augment run)", " ".join(f"{m:.3f}" for m in miou), "", "", "", "")
+    Console().print(table)
+    Console().print(f"targets: {report['verdict']}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="bench/gpu_proof.sh", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="tiny sizes (CPU, the test suite)")
+    parser.add_argument("--work", default="runs/gpu_proof", help="scratch folder (data, cache, runs, logs)")
+    parser.add_argument("--json", default=None, help="report path (default: <work>/gpu_proof.json)")
+    parser.add_argument("--child", choices=["step", "eval"], help=argparse.SUPPRESS)
+    parser.add_argument("--config", help=argparse.SUPPRESS)
+    parser.add_argument("--variant", help=argparse.SUPPRESS)
+    parser.add_argument("--weights", help=argparse.SUPPRESS)
+    parser.add_argument("--steps", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--warmup", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--images", type=int, default=0, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child == "step":
+        print(json.dumps(step_child(args.config, args.variant, args.steps, args.warmup)))
+        return 0
+    if args.child == "eval":
+        print(json.dumps(eval_child(args.config, args.weights, args.images)))
+        return 0
+    sizes, work = (QUICK if args.quick else FULL), Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    report = measure(work, sizes, args.quick, say=lambda text: print(text, flush=True))
+    report["setup"] = {"quick": args.quick, "size": sizes["size"], "batch": sizes["batch"],
+                       "workers": sizes["workers"], "model": "Unet/tu-tf_mobilenetv3_small_minimal_100"}
+    report["verdict"] = verdict(report)
+    report["seconds"] = time.perf_counter() - started
+    json_path = Path(args.json or work / "gpu_proof.json")
+    json_path.write_text(json.dumps(report, indent=2))
+    print_table(report)
+    print(f"wrote {json_path} ({report['seconds']:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
