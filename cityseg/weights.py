@@ -1,0 +1,97 @@
+"""Pretrained encoder weights on clusters without internet: which Hugging Face files an encoder needs, whether they
+are in the local cache, and `cityseg weights fetch` to put them there from a machine that can reach the hub."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+
+class WeightsError(RuntimeError):
+    """A one-line, user-facing reason the weights could not be fetched or found."""
+
+
+@dataclass
+class HubFile:
+    repo_id: str
+    filename: str
+    revision: str | None  # None = the repository's main branch (refs/main in the cache)
+
+
+def hub_files(model_cfg) -> list[HubFile]:
+    """The hub files smp / timm read for model.encoder with model.encoder_weights (none for null or a local file)."""
+    weights, encoder = model_cfg.encoder_weights, model_cfg.encoder
+    if weights is None or Path(weights).suffix or "/" in weights:
+        return []
+    if encoder.startswith("tu-"):  # timm: the variant is in the name; timm prefers the safetensors file
+        from timm.models import get_pretrained_cfg
+
+        config = get_pretrained_cfg(encoder[3:])
+        if config is None or not config.hf_hub_id:
+            raise WeightsError(f"model.encoder: timm has no Hugging Face weights for {encoder[3:]}")
+        repo_id, _, revision = config.hf_hub_id.partition("@")
+        return [HubFile(repo_id, "model.safetensors", revision or None)]
+    from segmentation_models_pytorch.encoders import encoders
+
+    if encoder not in encoders:
+        raise WeightsError(f"model.encoder: unknown encoder {encoder!r}")
+    settings = encoders[encoder]["pretrained_settings"].get(weights)
+    if settings is None:
+        raise WeightsError(f"model.encoder_weights: {encoder} has no '{weights}' weights (it has: "
+                           f"{', '.join(encoders[encoder]['pretrained_settings'])})")
+    return [HubFile(settings["repo_id"], name, settings["revision"]) for name in ("config.json", "model.safetensors")]
+
+
+def cache_dir() -> Path:
+    """Where huggingface_hub reads and writes (HF_HUB_CACHE, else HF_HOME/hub, else ~/.cache/huggingface/hub)."""
+    from huggingface_hub import constants
+
+    return Path(constants.HF_HUB_CACHE)
+
+
+def missing_files(model_cfg, cache: str | Path | None = None) -> list[HubFile]:
+    """The files of hub_files() not in the cache; reads only the local disk."""
+    from huggingface_hub import try_to_load_from_cache
+
+    return [file for file in hub_files(model_cfg)
+            if not isinstance(try_to_load_from_cache(file.repo_id, file.filename, cache_dir=cache,
+                                                     revision=file.revision), str)]
+
+
+def describe(model_cfg) -> tuple[bool, str]:
+    """(ok, detail) for `cityseg check`: are the pretrained weights in the local cache?"""
+    try:
+        files = hub_files(model_cfg)
+    except WeightsError as err:
+        return False, str(err)
+    if not files:
+        return True, "none needed (model.encoder_weights is null or a local file)"
+    missing = missing_files(model_cfg)
+    where = cache_dir()
+    if not missing:
+        return True, f"{files[0].repo_id} in the Hugging Face cache {where}"
+    return False, (f"{missing[0].repo_id}/{missing[0].filename} is not in the Hugging Face cache {where}: run "
+                   "`cityseg weights fetch --config <config>` on a machine with internet (a login node)")
+
+
+def fetch(model_cfg, cache: str | Path | None = None) -> list[Path]:
+    """Download the encoder's files into the cache (the default one, or `cache`); returns their local paths."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.utils import logging as hub_logging
+
+    hub_logging.set_verbosity_error()  # its per-retry warnings would bury the one line that matters
+    files = hub_files(model_cfg)
+    if not files:
+        return []
+    if os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0", "false", "False") and missing_files(model_cfg, cache):
+        raise WeightsError("HF_HUB_OFFLINE is set: fetching needs the hub; unset it on a machine with internet")
+    paths = []
+    for file in files:
+        try:
+            paths.append(Path(hf_hub_download(file.repo_id, file.filename, revision=file.revision,
+                                              cache_dir=cache)))
+        except Exception as err:  # noqa: BLE001 - no network, proxy, DNS, 404: all mean "not fetched"
+            raise WeightsError(f"cannot fetch {file.repo_id}/{file.filename} from the Hugging Face Hub "
+                               f"({type(err).__name__}: the hub cannot be reached or refused); run this on a "
+                               "machine with internet (e.g. a login node)") from None
+    return paths
