@@ -137,6 +137,7 @@ class WandbConfig:
 @dataclass
 class TrackingConfig:
     wandb: WandbConfig = field(default_factory=WandbConfig)
+    tensorboard: bool = False  # also write the W&B scalars as TensorBoard events to <output_dir>/tensorboard/
 
 
 @dataclass

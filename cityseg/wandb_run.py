@@ -14,9 +14,10 @@ import numpy as np
 import torch
 from accelerate.utils import gather_object
 
-from cityseg.config import to_dict
+from cityseg.config import dump_config, to_dict
 from cityseg.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from cityseg.labels import IGNORE_INDEX, class_names
+from cityseg.tensorboard_run import TensorBoardRun, eval_scalars, step_scalars
 
 RUN_ID_FILE = "wandb_run_id"
 INIT_TIMEOUT_S = 30.0  # an unreachable server costs this once, then the run goes on offline (WANDB_INIT_TIMEOUT)
@@ -59,6 +60,8 @@ class WandbRun:
     def __init__(self, cfg, accelerator, output_dir: Path, resumed: bool, val_set, say=print):
         self.cfg, self.accelerator, self.output_dir = cfg.tracking.wandb, accelerator, Path(output_dir)
         self.run = None
+        self.tensorboard = TensorBoardRun(cfg.tracking.tensorboard, accelerator.is_main_process, output_dir,
+                                          dump_config(cfg))  # beside W&B, whatever W&B's mode
         if self.cfg.mode == "disabled":
             return
         # every rank joins this gather (it is a collective); only the main process keeps the answer
@@ -118,11 +121,10 @@ class WandbRun:
 
     def log_step(self, record: dict) -> None:
         """One training record; the W&B step is the global optimizer step, so a resumed run continues its axis."""
+        self.tensorboard.log(step_scalars(record), record["step"])
         if self.run is None:
             return
-        self.run.log({"epoch": record["epoch"], "train/loss": record["loss"], "train/lr": record["lr"],
-                      "train/images_per_s": record["images_per_s"], "train/data_wait": record["data_wait"]},
-                     step=record["step"])
+        self.run.log(step_scalars(record), step=record["step"])
 
     def log_eval(self, record: dict, model: torch.nn.Module, trainer_state: dict) -> None:
         """mIoU, pixel accuracy, per-class IoU (scalars, table, bar chart), the sample images; best in summary.
@@ -130,13 +132,12 @@ class WandbRun:
         Called on every rank after the all-reduced evaluation; the image forward runs on the main process only and
         contains no collective, so the other ranks simply go on to the next one.
         """
+        self.tensorboard.log(eval_scalars(record), record["step"])
         if self.run is None:
             return
         wandb = self.wandb
         table = wandb.Table(columns=["class", "IoU"], data=[[name, iou] for name, iou in record["iou"].items()])
-        logged = {"val/mIoU": record["mIoU"], "val/pixel_acc": record["pixel_acc"],
-                  **{f"val/iou/{name}": iou for name, iou in record["iou"].items()},
-                  "val/iou_table": table, "val/iou_bar": wandb.plot.bar(table, "class", "IoU", title="IoU per class")}
+        logged = {**eval_scalars(record), "val/iou_table": table, "val/iou_bar": wandb.plot.bar(table, "class", "IoU", title="IoU per class")}
         if self.samples:
             logged["val/samples"] = self._sample_images(model)
         self.run.log(logged, step=record["step"])
@@ -168,6 +169,7 @@ class WandbRun:
         self.run.log_artifact(artifact, aliases=["best", f"step-{trainer_state['best_step']}"])
 
     def finish(self, trainer_state: dict, exit_code: int = 0) -> None:
+        self.tensorboard.finish()
         if self.run is None:
             return
         self.run.summary.update({"step": trainer_state["step"], "epoch": trainer_state["epoch"],
