@@ -12,7 +12,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
-TRAINER_STATE = "trainer_state.json"  # step, epoch, batch position, best, run shape, sizes of the files written
+TRAINER_STATE = "trainer_state.json"  # step, epoch, samples of it trained, best, run shape, sizes of files written
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.yaml"  # the run's resolved config, copied into each checkpoint: export needs nothing else
 
@@ -75,7 +75,8 @@ def save(accelerator, output_dir: str | Path, trainer_state: dict, keep_last: in
                 shutil.copyfile(run_config, tmp / CONFIG_FILE)
             # sizes of everything written: verify() tells a complete checkpoint from one truncated later
             files = {file.name: file.stat().st_size for file in sorted(tmp.iterdir()) if file.is_file()}
-            write_json_atomic(tmp / TRAINER_STATE, {**trainer_state, "files": files})
+            write_json_atomic(tmp / TRAINER_STATE, {**trainer_state, "files": files,
+                                                 "samples_in_epoch": samples_in_epoch(trainer_state)})
             _fsync_tree(tmp)
         except OSError as err:
             raise _write_failed(output_dir, tmp, err) from None
@@ -162,23 +163,42 @@ def verify(path: Path) -> dict:
     return state
 
 
-RUN_SHAPE = ("world_size", "batch_size", "grad_accum")  # what one step and one batch position mean
+RUN_SHAPE = ("world_size", "batch_size", "grad_accum")  # what one step and one batch means in samples
 
 
-def adapt_position(saved: dict, path: Path, shape: dict, steps_per_epoch: int, warn=print) -> dict:
-    """The saved position in this run's units. A mid-epoch position counts each rank's batches, so it means the
-    same samples only for the same run shape; an end-of-epoch one carries over, the step becoming epoch x steps."""
+def samples_in_epoch(state: dict) -> int:
+    """Samples of the current epoch's shuffled order already trained: those before this pass over the epoch
+    began (a resume mid-epoch, "resumed_at" = [epochs_done, samples]) and this pass's batches on all ranks."""
+    resumed_epoch, resumed_samples = state.get("resumed_at") or (None, 0)
+    before = resumed_samples if resumed_epoch == state["epochs_done"] else 0
+    return before + state["batch_in_epoch"] * state["batch_size"] * state["world_size"]
+
+
+def adapt_position(saved: dict, path: Path, shape: dict, steps_per_epoch: int, total_steps: int,
+                   warn=print) -> dict:
+    """The saved position in this run's units. The epoch's order is the same for any run shape, so the run
+    continues at the sample where the checkpoint stopped (the sampler skips the samples trained). With the same
+    shape the step is kept (bit-identical resume); with another one it is mapped by samples seen: finished epochs
+    x this run's steps per epoch + the samples trained in this epoch // this run's samples per step."""
     before = {key: saved.get(key, shape[key]) for key in RUN_SHAPE}
+    consumed = saved.get("samples_in_epoch")
+    if consumed is None:  # a checkpoint written before "samples_in_epoch" was recorded (then never resumed)
+        consumed = samples_in_epoch({**saved, **before})
+    kept = {key: value for key, value in saved.items() if key not in ("files", "samples_in_epoch")}
+    position = {"batch_in_epoch": 0, "resumed_at": [saved["epochs_done"], consumed], "total_steps": total_steps}
     if before == shape:
-        return saved
+        return {**kept, **position}
+    per_step = shape["batch_size"] * shape["world_size"] * shape["grad_accum"]
+    step = saved["epochs_done"] * steps_per_epoch + consumed // per_step
     changes = ", ".join(f"{key} {before[key]} -> {shape[key]}" for key in RUN_SHAPE if before[key] != shape[key])
-    if saved["batch_in_epoch"]:
-        raise CheckpointError(f"{path}: saved mid-epoch by another run shape ({changes}); resume it with the same "
-                              "processes, data.batch_size and train.grad_accum, or from an end-of-epoch checkpoint")
-    step = saved["epochs_done"] * steps_per_epoch
-    warn(f"warning: {path} was saved with {changes}: continuing after epoch {saved['epochs_done']} = step {step} of "
-         "this run (the result will differ from an uninterrupted run)")
-    return {**saved, **shape, "step": step}
+    old_total = saved.get("total_steps")
+    old_at = f"{saved['step']} of {old_total}" if old_total else f"{saved['step']}"
+    warn(f"warning: {path} was saved with {changes}: epoch {saved['epochs_done'] + 1} continues after the "
+         f"{consumed} samples of its order already trained, the rest shared by {shape['world_size']} process(es); "
+         f"step {old_at} maps by samples seen to step {step} of {total_steps} ({saved['epochs_done']} epochs x "
+         f"{steps_per_epoch} steps + {consumed} // {per_step} samples per step); the LR is lr_at(step, "
+         f"total_steps) of this run (the result will differ from an uninterrupted run)")
+    return {**kept, **shape, **position, "step": step}
 
 
 def find_resume(output_dir: str | Path, warn=print) -> Path | None:

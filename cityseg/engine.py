@@ -15,6 +15,7 @@ from cityseg.config import save_config
 from cityseg.data.cityscapes import skipped_samples
 from cityseg.data.device_augment import augment_batch
 from cityseg.data.loaders import eval_dataset, eval_loader, train_dataset, train_loader
+from cityseg.data.sampler import epoch_sampler
 from cityseg.labels import class_names
 from cityseg.losses import build_loss
 from cityseg.metrics import confusion_over, summarize
@@ -138,19 +139,21 @@ def restore(run: Run, steps_per_epoch: int) -> None:
              "grad_accum": cfg.train.grad_accum}
     # "epoch": the epoch (1-based) the latest step belongs to, as every record labels it; "epochs_done": position
     run.state = {"step": 0, "epoch": 0, "epochs_done": 0, "batch_in_epoch": 0, "best_mIoU": None,
-                 "best_step": None, "nan_skipped": 0, **shape}
+                 "best_step": None, "nan_skipped": 0, **shape, "total_steps": run.total_steps}
     start_from = resume_point(cfg, run.output_dir, accelerator, run.console.print)
     if start_from is not None:
         for change in resume_check.verdict(cfg, start_from):  # refuses a config that trains something else
             run.console.print(f"resume: allowed change {change}")
         saved = resume_check.upgrade_trainer_state(checkpoint.read_trainer_state(start_from))
-        run.state.update(checkpoint.adapt_position(saved, start_from, shape, steps_per_epoch, run.console.print))
+        run.state.update(checkpoint.adapt_position(saved, start_from, shape, steps_per_epoch, run.total_steps,
+                                                   run.console.print))
         try:  # weights, optimizer, scaler, RNG (torch.load weights_only=True)
             accelerator.load_state(str(start_from))
         except Exception as err:  # noqa: BLE001 - name the checkpoint instead of a deep accelerate traceback
             checkpoint.load_weights(accelerator.unwrap_model(run.model), start_from)  # names the first mismatch
             raise checkpoint.CheckpointError(f"{start_from}: cannot be loaded into this run's model/optimizer "
                                              f"({type(err).__name__}: {str(err).splitlines()[0][:300]})") from None
+        accelerator.step = 0  # the resumed pass opens an accumulation window (its micro-batch count was restored)
         run.latest, run.last_saved_step = start_from, run.state["step"]
     if accelerator.is_main_process:  # the run really starts: record its config; drop a killed attempt's records
         save_config(cfg, run.output_dir / "config.yaml")
@@ -186,8 +189,9 @@ def train_epoch(run: Run, stop: StopFlag) -> int | None:
     world, epoch = accelerator.num_processes, state["epochs_done"]  # 0-based: the data order's seed
     run.loader.set_epoch(epoch)
     run.train_set.set_epoch(epoch)
-    skip = state["batch_in_epoch"]
-    batches = accelerator.skip_first_batches(run.loader, skip) if skip else run.loader
+    # the epoch's order is the same for any run shape: a resumed epoch skips the samples trained before the stop
+    epoch_sampler(run.loader).start_at(epoch, checkpoint.samples_in_epoch(state))  # batch_in_epoch is 0 here
+    batches = run.loader
     run.model.train()
     tick, images_seen, data_wait = time.perf_counter(), 0, DataWait()
     window_loss, window_batches = 0.0, 0  # the logged loss: mean over ranks and the accumulation window

@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader, Subset
 from cityseg.config import ConfigError
 from cityseg.data.cache import CachedPairs, check_manifest, storage_size
 from cityseg.data.cityscapes import CityscapesPairs, collate, find_pairs
+from cityseg.data.sampler import EpochSampler
 from cityseg.data.transforms import eval_transform, train_transform
 from cityseg.labels import label_lut
 from cityseg.preemption import shield_worker
@@ -58,9 +59,11 @@ def eval_dataset(cfg, split: str | None = None, full_resolution: bool = False) -
 
 
 def train_loader(cfg, dataset, rank: int) -> DataLoader:
-    """Shuffled, last partial batch dropped; accelerate.prepare shards it across ranks (seedable sampler)."""
+    """Shuffled per epoch by EpochSampler (resumable at any sample), last partial batch dropped;
+    accelerate.prepare deals the batches to the ranks in turn."""
     return DataLoader(
-        dataset, batch_size=cfg.data.batch_size, shuffle=True, drop_last=True, collate_fn=collate,
+        dataset, batch_size=cfg.data.batch_size, sampler=EpochSampler(len(dataset), cfg.seed), drop_last=True,
+        collate_fn=collate,
         num_workers=cfg.data.num_workers, pin_memory=torch.cuda.is_available(),
         worker_init_fn=functools.partial(init_worker, rank=rank, preempt_signals=cfg.train.preempt_signals),
         prefetch_factor=4 if cfg.data.num_workers > 0 else None,

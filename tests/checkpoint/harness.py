@@ -16,16 +16,17 @@ from tests.conftest import PYTHON, REPO, child_env, launch_cmd, read_jsonl, tiny
 CONFIG = ["--config", "configs/demo.yaml"]
 
 
-def train_command(root: Path, out: Path, processes: int = 1, **overrides) -> list[str]:
-    """`python train.py ...` for one process (its exit code is ours), `accelerate launch` for more."""
-    args = ["train.py", *CONFIG, *tiny_overrides(root, out, **overrides)]
+def train_command(root: Path, out: Path, processes: int = 1, script: str = "train.py", **overrides) -> list[str]:
+    """`python train.py ...` for one process (its exit code is ours), `accelerate launch` for more; `script` may be
+    a test wrapper that runs train.py (e.g. tests/checkpoint/record_samples.py)."""
+    args = [script, *CONFIG, *tiny_overrides(root, out, **overrides)]
     return [PYTHON, *args] if processes == 1 else launch_cmd(processes, *args)
 
 
 def train(root: Path, out: Path, processes: int = 1, env: dict | None = None, timeout: float = 600,
-          **overrides) -> subprocess.CompletedProcess:
+          script: str = "train.py", **overrides) -> subprocess.CompletedProcess:
     """Run a training to its end (or failure) and return the finished process."""
-    return subprocess.run(train_command(root, out, processes, **overrides), cwd=REPO, env=env or child_env(),
+    return subprocess.run(train_command(root, out, processes, script, **overrides), cwd=REPO, env=env or child_env(),
                           capture_output=True, text=True, timeout=timeout)
 
 
