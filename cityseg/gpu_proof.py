@@ -43,7 +43,8 @@ def proof_config(work: Path, sizes: dict, **overrides) -> dict:
 
 def child(args: list[str], work: Path, timeout: float) -> subprocess.CompletedProcess:
     """A fresh Python process (its own Accelerator and CUDA context); its last stdout line is JSON when asked."""
-    env = dict(os.environ, PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", WANDB_MODE="disabled")
+    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    env = dict(os.environ, PYTHONPATH=path, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", WANDB_MODE="disabled")
     result = subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True,
                             timeout=timeout)
     (work / "logs").mkdir(exist_ok=True)
@@ -131,6 +132,46 @@ def step_child(cfg_path: str, variant: str, steps: int, warmup: int) -> dict:
             **memory(device)}
 
 
+def loop_child(cfg_path: str, steps: int) -> dict:
+    """Syncs per steady-state step of the engine's loop body: the cached loader (pinned, non_blocking, theta drawn
+    in the workers), device augmentation, channels_last, train_step and the stop vote."""
+    from cityseg.config import load_config
+    from cityseg.data.device_augment import augment_with_theta
+    from cityseg.data.loaders import train_dataset, train_loader
+    from cityseg.labels import num_classes
+    from cityseg.losses import build_loss
+    from cityseg.model import build_model
+    from cityseg.optim import build_optimizer
+    from cityseg.preemption import StopVote
+    from cityseg.runtime import make_accelerator
+    from cityseg.step import StepStats, train_step
+
+    cfg = load_config(cfg_path, ["data.cache.device_augment=true"])
+    accelerator = make_accelerator(cfg)
+    torch.backends.cudnn.benchmark = True
+    classes = num_classes(cfg.data.label_scheme)
+    dataset = train_dataset(cfg)
+    model = build_model(cfg.model, classes).to(memory_format=torch.channels_last)
+    model, optimizer, loader = accelerator.prepare(model, build_optimizer(model, cfg.optim),
+                                                   train_loader(cfg, dataset, 0))
+    loss_fn, stats, vote = build_loss(cfg.loss, classes).to(accelerator.device), StepStats(accelerator.device), \
+        StopVote(accelerator, 1.0)
+    batches = iter(loader)
+    model.train()
+
+    def step():
+        images, masks, theta = next(batches)
+        images, masks = augment_with_theta(images, masks, theta, cfg.data)
+        images = images.contiguous(memory_format=torch.channels_last)
+        train_step(accelerator, model, optimizer, loss_fn, images, masks, cfg.optim.lr, None, stats, 0)
+        vote.any(False)
+
+    for _ in range(2):
+        step()
+    stats.take()
+    return {"syncs_per_step": count_syncs(step, repeats=steps), "steps": steps}
+
+
 def device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
@@ -216,84 +257,103 @@ def train_run(work: Path, name: str, tree: dict, timeout: float) -> dict:
             "peak_allocated_gb": records[-1].get("mem_allocated_gb")}
 
 
-def measure(work: Path, sizes: dict, quick: bool, say) -> dict:
+def json_child(args: list[str], work: Path, timeout: float) -> dict:
+    return json.loads(child(["-m", "cityseg.gpu_proof", *args], work, timeout).stdout.strip().splitlines()[-1])
+
+
+def loader_tree(work: Path, sizes: dict, cuda: bool, name: str, changes: dict) -> dict:
+    mIoU_run = name == "cached_device_augment"  # this run also validates every epoch: its mIoU must rise
+    return proof_config(work, sizes, **{"data.cache.dir": str(work / "cache"), "train.log_every": 2,
+                                        "train.channels_last": cuda,
+                                        "train.epochs": sizes["run_epochs" if mIoU_run else "loader_epochs"],
+                                        "train.eval_every_epochs": 1 if mIoU_run else 1000,
+                                        "train.mixed_precision": "bf16" if cuda else "no", **changes})
+
+
+def measure(work: Path, sizes: dict, report: dict, stage) -> None:
+    """Each stage's result (or its error) lands in report under its name; one failure does not stop the rest."""
     cuda = torch.cuda.is_available()
-    report = {"machine": {"cpus": os.cpu_count(), "torch": torch.__version__, "cuda": cuda}}
-    report["data"] = make_data(work, sizes)
-    say(f"data: {report['data']}")
-    base = proof_config(work, sizes, **{"data.cache.dir": str(work / "cache"), "train.log_every": 2,
-                                        "train.channels_last": cuda, "train.mixed_precision": "bf16" if cuda else "no"})
-    started = time.perf_counter()
-    child(["-m", "cityseg", "prepare", "--config", str(write_config(work, "prepare", base))], work, 600)
-    report["cache_build_s"] = time.perf_counter() - started
-    variants = list(STEP_VARIANTS) if cuda else ["fp32"]
-    report["steps"] = {}
+    report["machine"] = {"cpus": os.cpu_count(), "torch": torch.__version__, "cuda": cuda,
+                         "gpu": torch.cuda.get_device_name(0) if cuda else None}
+    stage("data", lambda: make_data(work, sizes))
+    base = write_config(work, "base", proof_config(work, sizes, **{
+        "data.cache.dir": str(work / "cache"), "train.channels_last": cuda,
+        "train.mixed_precision": "bf16" if cuda else "no"}))
+
+    def build_cache():
+        started = time.perf_counter()
+        child(["-m", "cityseg", "prepare", "--config", str(base)], work, 600)
+        return {"seconds": time.perf_counter() - started}
+
+    stage("cache", build_cache)
+    def step_stage(variant: str) -> None:
+        stage(f"steps.{variant}", lambda: json_child(
+            ["--child", "step", "--config", str(base), "--variant", variant, "--steps", str(sizes["steps"]),
+             "--warmup", str(sizes["warmup"])], work, 400))
+
+    variants = [name for name in STEP_VARIANTS if not STEP_VARIANTS[name][2]] if cuda else ["fp32"]
     for variant in variants:
-        result = child(["-m", "cityseg.gpu_proof", "--child", "step", "--config", str(write_config(work, "step", base)),
-                        "--variant", variant, "--steps", str(sizes["steps"]), "--warmup", str(sizes["warmup"])],
-                       work, 400)
-        report["steps"][variant] = json.loads(result.stdout.strip().splitlines()[-1])
-        say(f"step {variant}: {report['steps'][variant]}")
-    loaders = {"cached_device_augment": {"data.cache.device_augment": True},
-               "cached_cpu_augment": {}, "uncached": {"data.cache.dir": None}}
-    report["loaders"] = {}
+        step_stage(variant)
+    stage("loop_syncs", lambda: json_child(["--child", "loop", "--config", str(base), "--steps", "3"], work, 300))
+    loaders = {"cached_device_augment": {"data.cache.device_augment": True}, "cached_cpu_augment": {},
+               "uncached": {"data.cache.dir": None}}
     for name, changes in loaders.items():
-        epochs = sizes["run_epochs"] if name == "cached_device_augment" else sizes["loader_epochs"]
-        every = 1 if name == "cached_device_augment" else 1000  # the mIoU run validates every epoch
-        tree = proof_config(work, sizes, **{"data.cache.dir": str(work / "cache"), "train.log_every": 2,
-                                            "train.channels_last": cuda, "train.epochs": epochs,
-                                            "train.eval_every_epochs": every,
-                                            "train.mixed_precision": "bf16" if cuda else "no", **changes})
-        report["loaders"][name] = train_run(work, name, tree, 600)
-        say(f"loader {name}: {report['loaders'][name]}")
+        stage(f"loaders.{name}", lambda name=name, changes=changes: train_run(
+            work, name, loader_tree(work, sizes, cuda, name, changes), 600))
     weights = work / "runs" / "cached_device_augment" / "model.safetensors"
-    result = child(["-m", "cityseg.gpu_proof", "--child", "eval", "--config", str(work / "cached_device_augment.yaml"),
-                    "--weights", str(weights), "--images", str(sizes["eval_images"])], work, 400)
-    report["full_resolution_eval"] = json.loads(result.stdout.strip().splitlines()[-1])
-    return report
+    stage("full_resolution_eval", lambda: json_child(
+        ["--child", "eval", "--config", str(base), "--weights", str(weights), "--images",
+         str(sizes["eval_images"])], work, 400))
+    if cuda:  # last: compilation takes the longest, and everything else is measured by then
+        step_stage("bf16_channels_last_compile")
 
 
 def verdict(report: dict) -> dict:
     """The issue's targets, checked: 0 syncs per step, >= 2,000 img/s bf16 with < 5% data wait, mIoU rises."""
-    steps, run = report["steps"], report["loaders"]["cached_device_augment"]
-    syncs = [s["syncs_per_step"] for s in steps.values() if s["syncs_per_step"] is not None]
+    steps, run = report.get("steps", {}), report.get("loaders", {}).get("cached_device_augment", {})
+    syncs = [s["syncs_per_step"] for s in [*steps.values(), report.get("loop_syncs", {})]
+             if s.get("syncs_per_step") is not None]
     best_bf16 = max((s["images_per_s"] for name, s in steps.items() if name.startswith("bf16")), default=None)
+    wait, miou = run.get("data_wait_last_epoch"), run.get("mIoU", [])
     return {"zero_syncs_per_step": all(n == 0 for n in syncs) if syncs else None,
             "bf16_2000_img_s": best_bf16 >= 2000 if best_bf16 is not None else None,
-            "data_wait_under_5pct": (run["data_wait_last_epoch"] or 0) < 0.05,
-            "miou_rises": len(run["mIoU"]) > 1 and run["mIoU"][-1] > run["mIoU"][0]}
+            "data_wait_under_5pct": wait < 0.05 if wait is not None else None,
+            "miou_rises": len(miou) > 1 and miou[-1] > miou[0]}
 
 
 def print_table(report: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    device = next(iter(report["steps"].values()))["device"]
-    table = Table(title=f"cityseg GPU proof on {device}: seed model, {report['setup']['size'][0]}x"
-                        f"{report['setup']['size'][1]}, batch {report['setup']['batch']}")
+    table = Table(title=f"cityseg GPU proof on {report['machine']['gpu'] or 'cpu'}: seed model, "
+                        f"{report['setup']['size'][0]}x{report['setup']['size'][1]}, batch {report['setup']['batch']}")
     for column in ("measurement", "img/s", "MFU", "data wait", "peak mem GiB", "syncs/step"):
         table.add_column(column, justify="left" if column == "measurement" else "right")
 
-    def pct(value):
-        return "" if value is None else f"{100 * value:.1f}%"
+    def cell(row: dict, key: str, form: str) -> str:
+        value = row.get(key)
+        return "" if value is None else form.format(100 * value if "%" in form else value)
 
-    def gib(value):
-        return "" if value is None else f"{value:.2f}"
+    def add(label: str, row: dict) -> None:
+        if "error" in row:
+            table.add_row(label, f"failed: {row['error'][:60]}", "", "", "", "")
+            return
+        table.add_row(label, cell(row, "images_per_s", "{:.1f}"), cell(row, "mfu", "{:.1f}%"),
+                      cell(row, "data_wait_last_epoch", "{:.1f}%"),
+                      cell(row, "peak_allocated_gb", "{:.2f}"), cell(row, "syncs_per_step", "{}"))
 
-    for name, step in report["steps"].items():
-        table.add_row(f"step {name}", f"{step['images_per_s']:.0f}", pct(step["mfu"]), "",
-                      gib(step.get("peak_allocated_gb")), "" if step["syncs_per_step"] is None
-                      else str(step["syncs_per_step"]))
-    for name, run in report["loaders"].items():
-        table.add_row(f"train.py, loader {name}", f"{run['images_per_s']:.0f}", pct(run["mfu"]),
-                      pct(run["data_wait_last_epoch"]), gib(run["peak_allocated_gb"]), "")
-    evaluation = report["full_resolution_eval"]
-    table.add_row(f"eval {evaluation['size'][0]}x{evaluation['size'][1]}, sliding {evaluation['window']} + flip",
-                  f"{evaluation['images_per_s']:.1f}", "", "", gib(evaluation.get("peak_allocated_gb")), "")
-    miou = report["loaders"]["cached_device_augment"]["mIoU"]
-    table.add_row("mIoU per epoch (cached + device augment run)", " ".join(f"{m:.3f}" for m in miou), "", "", "", "")
-    Console().print(table)
-    Console().print(f"targets: {report['verdict']}")
+    for name, row in report.get("steps", {}).items():
+        add(f"step {name} (batches on the device)", row)
+    add("engine loop body: cached loader + device augment + step", report.get("loop_syncs", {}))
+    for name, row in report.get("loaders", {}).items():
+        add(f"train.py, {name} loader, {report['setup']['workers']} workers", row)
+    evaluation = report.get("full_resolution_eval", {})
+    add(f"eval {evaluation.get('size')} sliding window {evaluation.get('window')} + flip", evaluation)
+    miou = report.get("loaders", {}).get("cached_device_augment", {}).get("mIoU", [])
+    table.add_row("mIoU per epoch, cached + device augment run", " ".join(f"{m:.3f}" for m in miou), "", "", "", "")
+    console = Console(width=160)
+    console.print(table)
+    console.print(f"targets: {report['verdict']}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -301,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny sizes (CPU, the test suite)")
     parser.add_argument("--work", default="runs/gpu_proof", help="scratch folder (data, cache, runs, logs)")
     parser.add_argument("--json", default=None, help="report path (default: <work>/gpu_proof.json)")
-    parser.add_argument("--child", choices=["step", "eval"], help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=["step", "eval", "loop"], help=argparse.SUPPRESS)
     parser.add_argument("--config", help=argparse.SUPPRESS)
     parser.add_argument("--variant", help=argparse.SUPPRESS)
     parser.add_argument("--weights", help=argparse.SUPPRESS)
@@ -312,22 +372,47 @@ def main(argv: list[str] | None = None) -> int:
     if args.child == "step":
         print(json.dumps(step_child(args.config, args.variant, args.steps, args.warmup)))
         return 0
+    if args.child == "loop":
+        print(json.dumps(loop_child(args.config, args.steps)))
+        return 0
     if args.child == "eval":
         print(json.dumps(eval_child(args.config, args.weights, args.images)))
         return 0
     sizes, work = (QUICK if args.quick else FULL), Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
+    json_path = Path(args.json or work / "gpu_proof.json")
     started = time.perf_counter()
-    report = measure(work, sizes, args.quick, say=lambda text: print(text, flush=True))
-    report["setup"] = {"quick": args.quick, "size": sizes["size"], "batch": sizes["batch"],
-                       "workers": sizes["workers"], "model": "Unet/tu-tf_mobilenetv3_small_minimal_100"}
+    report = {"setup": {"quick": args.quick, "size": sizes["size"], "batch": sizes["batch"],
+                        "workers": sizes["workers"], "model": "Unet/tu-tf_mobilenetv3_small_minimal_100"}}
+
+    def stage(name: str, measure_it) -> None:
+        """Run one measurement; its result (or error) goes under report[name] (dotted: nested) and to disk."""
+        begun = time.perf_counter()
+        try:
+            result = measure_it()
+        except Exception as err:  # noqa: BLE001 - a failed stage is reported; the next ones still run
+            result = {"error": f"{type(err).__name__}: {err}"}
+        result["stage_s"] = time.perf_counter() - begun
+        *parents, leaf = name.split(".")
+        node = report
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = result
+        print(f"{name}: {json.dumps(result)}", flush=True)
+        json_path.write_text(json.dumps(report, indent=2))
+
+    measure(work, sizes, report, stage)
     report["verdict"] = verdict(report)
     report["seconds"] = time.perf_counter() - started
-    json_path = Path(args.json or work / "gpu_proof.json")
     json_path.write_text(json.dumps(report, indent=2))
     print_table(report)
     print(f"wrote {json_path} ({report['seconds']:.0f} s)")
-    return 0
+    errors = [name for name, value in report.items() if isinstance(value, dict) and "error" in value]
+    errors += [f"{group}.{name}" for group in ("steps", "loaders") for name, value in report.get(group, {}).items()
+               if "error" in value]
+    if errors:
+        print(f"gpu_proof: failed stages: {', '.join(errors)}", file=sys.stderr)
+    return 1 if errors else 0
 
 
 if __name__ == "__main__":
