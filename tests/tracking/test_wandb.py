@@ -5,6 +5,7 @@ import base64
 import hashlib
 import math
 import re
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -12,16 +13,26 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.conftest import PYTHON, child_env, free_port, launch_cmd, read_jsonl, run, tiny_overrides
+from tests.conftest import PYTHON, child_env, launch_cmd, read_jsonl, run, tiny_overrides
 from tests.tracking.wandb_records import config, history, read_records, run_id, summary
 
 NUM_IMAGES = 3
 FAKE_KEY = "fakesecret" * 4  # 40 characters: the shape of a real W&B API key
 
 
+def wandb_env(tmp_path: Path, **extra: str) -> dict:
+    """A home of the test's own: ~/.netrc, ~/.config/wandb, wandb's cache and data dirs and the temp dir all lie
+    under tmp_path, so the user's real ones are neither read nor written and every file a run writes can be searched."""
+    home = tmp_path / "home"
+    (home / "tmp").mkdir(parents=True, exist_ok=True)
+    return child_env(HOME=str(home), NETRC=str(home / ".netrc"), WANDB_CONFIG_DIR=str(home / ".config" / "wandb"),
+                     WANDB_CACHE_DIR=str(home / ".cache" / "wandb"), WANDB_DATA_DIR=str(home / ".local" / "wandb"),
+                     TMPDIR=str(home / "tmp"), **extra)
+
+
 def no_credentials_env(tmp_path: Path, **extra: str) -> dict:
     """No API key anywhere: no WANDB_API_KEY, no ~/.netrc entry, no wandb settings file, no WANDB_MODE."""
-    env = child_env(NETRC=str(tmp_path / "no.netrc"), WANDB_CONFIG_DIR=str(tmp_path / "wandb_config"), **extra)
+    env = wandb_env(tmp_path, **extra)
     env.pop("WANDB_MODE", None)
     env.pop("WANDB_SILENT", None)  # what users see: our one line, no wandb chatter
     return env
@@ -40,6 +51,11 @@ def offline_runs(out: Path) -> list[Path]:
 def records_of(run_dir: Path) -> list:
     (log,) = run_dir.glob("*.wandb")
     return read_records(log)
+
+
+def files_holding(secret: str, *roots: Path) -> list[Path]:
+    """Every file under the roots (the run's output_dir, the test's home, temp dir and logs) that contains secret."""
+    return [p for root in roots for p in root.rglob("*") if p.is_file() and secret.encode() in p.read_bytes()]
 
 
 def same(a: float, b: float) -> bool:
@@ -138,15 +154,14 @@ def test_sample_images_carry_ground_truth_and_prediction_masks(two_process_run):
 def test_non_tty_output_has_no_progress_bar_control_characters(two_process_run):
     _, result = two_process_run
     assert "\r" not in result.stdout and "\x1b" not in result.stdout
-    assert re.search(r"^step 4/4 epoch 1 loss \d", result.stdout, re.MULTILINE)
+    assert re.search(r"^step 4/4 epoch 2 loss \d", result.stdout, re.MULTILINE)  # epochs numbered from 1
     assert re.search(r"^eval step 4 epoch 2 mIoU \d", result.stdout, re.MULTILINE)
 
 
 def test_resume_continues_the_run_and_no_secret_is_written(synth_root, tmp_path):
     """Stopped at step 2, resumed to step 4: one W&B run id, the step axis goes on; the API key appears nowhere."""
     out = tmp_path / "run"
-    env = child_env(WANDB_API_KEY=FAKE_KEY,  # WANDB_MODE stays offline: a key is set but never used or shown
-                    WANDB_DATA_DIR=str(tmp_path / "wandb_data"), WANDB_CACHE_DIR=str(tmp_path / "wandb_cache"))
+    env = wandb_env(tmp_path, WANDB_API_KEY=FAKE_KEY)  # WANDB_MODE stays offline: a key is set, never used or shown
     common = dict(tracking__wandb__mode="offline", tracking__wandb__num_images=1, checkpoint__every_steps=1,
                   tracking__wandb__log_checkpoints="true")
     first = train(synth_root, out, env, train__max_steps=2, **common)
@@ -171,15 +186,14 @@ def test_resume_continues_the_run_and_no_secret_is_written(synth_root, tmp_path)
 
     for text in (first.stdout, first.stderr, second.stdout, second.stderr):
         assert FAKE_KEY not in text
-    leaked = [p for p in out.rglob("*") if p.is_file() and FAKE_KEY.encode() in p.read_bytes()]
-    assert leaked == []
+    assert files_holding(FAKE_KEY, tmp_path) == []  # output_dir, wandb dirs, home, temp files
 
 
 def test_fresh_start_in_an_old_output_dir_gets_a_new_run(synth_root, tmp_path):
     out = tmp_path / "run"
     out.mkdir()
     (out / "wandb_run_id").write_text("oldrun01\n")
-    result = train(synth_root, out, child_env(), train__max_steps=1, train__resume="none",
+    result = train(synth_root, out, wandb_env(tmp_path), train__max_steps=1, train__resume="none",
                    tracking__wandb__mode="offline", tracking__wandb__num_images=0)
     assert result.returncode == 0, result.stderr[-3000:]
     (run_dir,) = offline_runs(out)
@@ -192,16 +206,19 @@ def test_disabled_writes_nothing(synth_root, tmp_path):
                    tracking__wandb__mode="disabled")
     assert result.returncode == 0, result.stderr[-3000:]
     assert not (out / "wandb").exists() and not (out / "wandb_run_id").exists()
-    assert "W&B" not in result.stdout and not (tmp_path / "wandb_config").exists()
+    assert "W&B" not in result.stdout
+    assert [p for p in (tmp_path / "home").rglob("*") if "wandb" in p.name] == []  # no settings, cache or data
 
 
 def test_unreachable_server_falls_back_to_offline(synth_root, tmp_path):
     """auto + an API key → online; the server refuses connections → one line, offline run, exit 0, key unseen."""
     out = tmp_path / "run"
-    env = no_credentials_env(tmp_path, WANDB_API_KEY=FAKE_KEY, WANDB_BASE_URL=f"http://127.0.0.1:{free_port()}",
-                             WANDB_INIT_TIMEOUT="3")
-    result = train(synth_root, out, env, train__max_steps=1, tracking__wandb__mode="auto",
-                   tracking__wandb__num_images=0)
+    with socket.socket() as refusing:  # bound, never listening: connections to it are refused while we hold it
+        refusing.bind(("127.0.0.1", 0))
+        env = no_credentials_env(tmp_path, WANDB_API_KEY=FAKE_KEY,
+                                 WANDB_BASE_URL=f"http://127.0.0.1:{refusing.getsockname()[1]}", WANDB_INIT_TIMEOUT="3")
+        result = train(synth_root, out, env, train__max_steps=1, tracking__wandb__mode="auto",
+                       tracking__wandb__num_images=0)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "W&B: cannot start the online run" in result.stdout and "logging offline instead" in result.stdout
     assert "wandb:" not in result.stdout + result.stderr
@@ -209,4 +226,4 @@ def test_unreachable_server_falls_back_to_offline(synth_root, tmp_path):
     assert [p.name for p in (out / "wandb").glob("run-*")] == []  # the failed online attempt is not left to sync
     assert any("train/loss" in row for row in history(records_of(run_dir)))
     assert FAKE_KEY not in result.stdout + result.stderr
-    assert [p for p in out.rglob("*") if p.is_file() and FAKE_KEY.encode() in p.read_bytes()] == []
+    assert files_holding(FAKE_KEY, tmp_path) == []  # output_dir, wandb dirs, home, temp files
