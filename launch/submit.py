@@ -1,12 +1,15 @@
-"""Validate a training config, then submit slurm/train.sh with sbatch (or print the command with --dry-run)."""
+"""Validate a training config, then submit slurm/train.sh with sbatch (or print the command with --dry-run);
+with --sweep, one SLURM job array whose task N trains combination N of the swept values."""
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import re
 import shlex
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -35,6 +38,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--log-dir", default=None,
                         help=f"where the job's .out/.err logs go (default: {LOG_DIR}/ as in slurm/train.sh)")
     parser.add_argument("--dry-run", action="store_true", help="validate and print the sbatch command only")
+    parser.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2,...",
+                        help="sweep a config key over values (repeat for a grid): one job array, a task per "
+                             "combination, each with its own name and output_dir, grouped in W&B")
+    parser.add_argument("--max-parallel", type=int, default=None, help="sweep tasks running at once (default: all)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, passed to train.py")
     args = parser.parse_intermixed_args(argv)
     if args.nodes < 1:
@@ -69,6 +76,49 @@ def preflight(config: str, overrides: list[str], world_size: int, gpu: bool) -> 
         sys.exit(f"error: preflight `{shlex.join(cmd[1:])}` failed (exit {result.returncode}); nothing submitted")
 
 
+def split_values(text: str) -> list[str]:
+    """'1e-3,3e-4' -> ['1e-3', '3e-4']; commas inside [...] or {...} belong to the value ('[256,512],[512,1024]')."""
+    values, depth, current = [], 0, ""
+    for char in text:
+        depth += {"[": 1, "{": 1, "]": -1, "}": -1}.get(char, 0)
+        if char == "," and depth == 0:
+            values.append(current)
+            current = ""
+        else:
+            current += char
+    return [*values, current]
+
+
+def parse_sweeps(sweeps: list[str]) -> list[tuple[str, list[str]]]:
+    """[(key, values)] of the --sweep options; a malformed one exits with a one-line error."""
+    parsed = []
+    for text in sweeps:
+        key, sep, raw = text.partition("=")
+        values = split_values(raw) if sep else []
+        if not key or not values or any(not v or "\t" in v or "\n" in v for v in values):
+            sys.exit(f"error: --sweep {text!r}: expected KEY=V1,V2,... e.g. --sweep optim.lr=1e-3,3e-4")
+        if key in (k for k, _ in parsed):
+            sys.exit(f"error: --sweep {key} given twice: list all its values in one --sweep")
+        parsed.append((key, values))
+    return parsed
+
+
+def sweep_runs(cfg, sweeps: list[tuple[str, list[str]]]) -> list[dict]:
+    """One run per combination: its overrides, name and output_dir (<output_dir>/<key=value_...>), one W&B group."""
+    group = cfg.tracking.wandb.group or f"{cfg.name}-sweep"
+    runs, tags = [], set()
+    for index, values in enumerate(itertools.product(*(v for _, v in sweeps))):
+        chosen = [f"{key}={value}" for (key, _), value in zip(sweeps, values)]
+        tag = "_".join(f"{key.rsplit('.', 1)[-1]}={value}" for (key, _), value in zip(sweeps, values))
+        tag = re.sub(r"[^A-Za-z0-9._=+-]+", "-", tag).strip("-")
+        tag = tag if tag not in tags else f"{index}-{tag}"  # two combinations that read alike: keep both apart
+        tags.add(tag)
+        output_dir = str(Path(cfg.output_dir) / tag)
+        runs.append({"overrides": [*chosen, f"name={cfg.name}-{tag}", f"output_dir={output_dir}",
+                                   f"tracking.wandb.group={group}"], "output_dir": output_dir, "group": group})
+    return runs
+
+
 def sbatch_command(args: argparse.Namespace, config: str, job_name: str) -> list[str]:
     cmd = ["sbatch", "--parsable", f"--job-name={job_name}", f"--nodes={args.nodes}"]
     if args.gpus_per_node is not None:  # train.sh runs one srun task (training process) per GPU, one on CPU nodes
@@ -78,8 +128,12 @@ def sbatch_command(args: argparse.Namespace, config: str, job_name: str) -> list
         exports.append("ACCELERATE_USE_CPU=1")
     if args.log_dir is not None:
         log_dir = Path(args.log_dir).resolve()
-        cmd += [f"--output={log_dir}/%x-%j.out", f"--error={log_dir}/%x-%j.err"]
+        pattern = "%x-%A_%a" if args.sweep else "%x-%j"  # array tasks: array id _ task index
+        cmd += [f"--output={log_dir}/{pattern}.out", f"--error={log_dir}/{pattern}.err"]
         exports.append(f"CITYSEG_LOG_DIR={log_dir}")  # where train.sh keeps its requeue marker
+    if getattr(args, "sweep_file", None):
+        cmd.append(f"--array=0-{args.sweep_count - 1}" + (f"%{args.max_parallel}" if args.max_parallel else ""))
+        exports.append(f"CITYSEG_SWEEP_FILE={args.sweep_file}")  # train.sh: task N appends line N+1's overrides
     if len(exports) > 1:
         cmd.append(f"--export={','.join(exports)}")
     for option in ("time", "partition", "account"):
@@ -106,8 +160,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     gpus = args.gpus_per_node if args.gpus_per_node is not None else script_gpus_per_node()
-    preflight(config, args.overrides, world_size=args.nodes * max(gpus, 1), gpu=gpus > 0)
     job_name = args.job_name or cfg.name
+    if args.sweep:
+        return submit_sweep(args, config, cfg, job_name, world_size=args.nodes * max(gpus, 1), gpu=gpus > 0)
+    preflight(config, args.overrides, world_size=args.nodes * max(gpus, 1), gpu=gpus > 0)
     cmd = sbatch_command(args, config, job_name)
     print(f"cd {shlex.quote(str(REPO))} && {shlex.join(cmd)}")
     if args.dry_run:
@@ -125,6 +181,41 @@ def main(argv: list[str] | None = None) -> int:
     print(f"log: {out}  (stderr: {err})")
     print(f"run: {cfg.output_dir}  (checkpoints, metrics.jsonl, model.safetensors)")
     print(f"watch: squeue -j {job_id}; tail -f {shlex.quote(out)}")
+    return 0
+
+
+def submit_sweep(args, config: str, cfg, job_name: str, world_size: int, gpu: bool) -> int:
+    """Validate and preflight every combination, write the sweep file, submit one job array."""
+    runs = sweep_runs(cfg, parse_sweeps(args.sweep))
+    for index, one in enumerate(runs):
+        try:
+            load_config(REPO / config, [*args.overrides, *one["overrides"]])
+        except ConfigError as err:
+            print(f"error: sweep task {index}: {err}", file=sys.stderr)
+            return 2
+        preflight(config, [*args.overrides, *one["overrides"]], world_size=world_size, gpu=gpu)
+    log_dir = Path(args.log_dir).resolve() if args.log_dir else REPO / LOG_DIR
+    args.sweep_file = log_dir / f"{job_name}-sweep-{time.strftime('%Y%m%d-%H%M%S')}.tsv"
+    args.sweep_count = len(runs)
+    cmd = sbatch_command(args, config, job_name)
+    print(f"sweep: {len(runs)} runs as job array tasks 0-{len(runs) - 1}, W&B group {runs[0]['group']}")
+    for index, one in enumerate(runs):
+        print(f"  task {index}: {' '.join(one['overrides'][:-3])} -> {one['output_dir']}")
+    print(f"cd {shlex.quote(str(REPO))} && {shlex.join(cmd)}")
+    if args.dry_run:
+        print(f"dry run: not submitted; {args.sweep_file} not written")
+        return 0
+    log_dir.mkdir(parents=True, exist_ok=True)
+    args.sweep_file.write_text("".join("\t".join(one["overrides"]) + "\n" for one in runs))
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    if result.returncode != 0:
+        print(f"error: sbatch failed (exit {result.returncode}): {result.stderr.strip()}", file=sys.stderr)
+        return result.returncode
+    job_id = result.stdout.strip().split(";")[0]
+    print(f"submitted job array {job_id} ({len(runs)} tasks: {job_id}_0 ... {job_id}_{len(runs) - 1})")
+    print(f"sweep file: {args.sweep_file}")
+    print(f"runs: {Path(cfg.output_dir)}/<key=value_...>  (one output_dir per task)")
+    print(f"watch: squeue -j {job_id}")
     return 0
 
 

@@ -51,6 +51,20 @@ trap 'on_stop_signal SIGTERM' TERM
 cd "${SLURM_SUBMIT_DIR:?run this with sbatch from the repository root}"
 source slurm/env.sh
 
+# --- sweeps (launch/submit.py --sweep): task N of the job array appends line N+1 of the sweep file --------
+# (tab-separated overrides: its own name, output_dir and W&B group); a requeued task keeps its index.
+if [[ -n "${CITYSEG_SWEEP_FILE:-}" ]]; then
+    task_line=$(sed -n "$(( ${SLURM_ARRAY_TASK_ID:?CITYSEG_SWEEP_FILE is for job arrays (sbatch --array)} + 1 ))p" \
+                "$CITYSEG_SWEEP_FILE")
+    if [[ -z $task_line ]]; then
+        echo "cityseg: $CITYSEG_SWEEP_FILE has no line for array task $SLURM_ARRAY_TASK_ID" >&2
+        exit 2
+    fi
+    IFS=$'\t' read -r -a sweep_overrides <<< "$task_line"
+    set -- "$@" "${sweep_overrides[@]}"
+    say "sweep task $SLURM_ARRAY_TASK_ID of array $SLURM_ARRAY_JOB_ID: ${sweep_overrides[*]}"
+fi
+
 # --- processes -----------------------------------------------------------------------------------
 # One per GPU; on CPU-only nodes (ACCELERATE_USE_CPU=1) one gloo process per node.
 if [[ "${ACCELERATE_USE_CPU:-0}" =~ ^(1|true|True|TRUE|yes)$ ]]; then
