@@ -18,15 +18,13 @@ class WeightEMA:
     def __init__(self, model: torch.nn.Module, decay: float):
         self.source, self.decay = model, decay
         self.module = copy.deepcopy(model).eval().requires_grad_(False)
-        self.reset_pending = False  # resumed from a checkpoint without EMA: start from the loaded weights
 
     def decay_at(self, step: int) -> float:
         return min(self.decay, (1 + step) / (10 + step))
 
     @torch.no_grad()
     def update(self, step: int) -> None:
-        decay = 0.0 if self.reset_pending else self.decay_at(step)
-        self.reset_pending = False
+        decay = self.decay_at(step)
         trained = self.source.state_dict()
         for name, average in self.module.state_dict().items():
             if average.is_floating_point():
@@ -38,12 +36,11 @@ class WeightEMA:
         state = {name: tensor.detach().cpu().contiguous() for name, tensor in self.module.state_dict().items()}
         save_file(state, str(Path(directory) / EMA_FILE), metadata={"format": "pt"})
 
-    def load(self, directory: str | Path, say=print) -> None:
+    def load(self, directory: str | Path) -> None:
         path = Path(directory) / EMA_FILE
-        if not path.is_file():
-            say(f"note: {directory} has no {EMA_FILE}: the EMA starts from the resumed weights")
-            self.reset_pending = True
-            return
+        if not path.is_file():  # resume_check refuses a config that turned EMA on since: this checkpoint lost it
+            raise CheckpointError(f"{path}: missing; the run keeps an EMA (train.ema_decay) but this checkpoint "
+                                  "has none")
         try:
             self.module.load_state_dict(load_file(str(path), device="cpu"))
         except Exception as err:  # noqa: BLE001 - a foreign or truncated file
@@ -51,7 +48,7 @@ class WeightEMA:
                                   f"({type(err).__name__}: {str(err).splitlines()[0][:200]})") from None
 
 
-def attach_ema(accelerator, model: torch.nn.Module, decay: float | None, say=print) -> WeightEMA | None:
+def attach_ema(accelerator, model: torch.nn.Module, decay: float | None) -> WeightEMA | None:
     """The EMA of the bare `model` (None when train.ema_decay is null), saved into / loaded from every checkpoint
     by accelerate's save/load hooks (as safetensors: accelerate's own custom-state files are pickles)."""
     if decay is None:
@@ -63,7 +60,7 @@ def attach_ema(accelerator, model: torch.nn.Module, decay: float | None, say=pri
             ema.save(output_dir)
 
     def load_hook(models, input_dir):
-        ema.load(input_dir, say=say)
+        ema.load(input_dir)
 
     accelerator.register_save_state_pre_hook(save_hook)
     accelerator.register_load_state_pre_hook(load_hook)

@@ -64,12 +64,15 @@ def test_ema_is_saved_validated_exported_and_exact_on_resume(synth_root, tmp_pat
                                                                 abs=1e-6)
 
 
-def test_resuming_a_checkpoint_without_ema_starts_it_from_the_weights(synth_root, tmp_path):
-    plain = tmp_path / "plain"
-    overrides = tiny_overrides(synth_root, plain, checkpoint__every_steps=2, checkpoint__keep_last=4)
-    assert run([PYTHON, "train.py", "--config", "configs/demo.yaml", *overrides]).returncode == 0
-    later = tmp_path / "later"
-    shutil.copytree(plain / "checkpoints" / "step_00000002", tmp_path / "step_00000002")
-    result = train(synth_root, later, f"train.resume={tmp_path / 'step_00000002'}")
-    assert "has no ema.safetensors" in result.stdout + result.stderr
-    assert (later / "checkpoints" / "step_00000004" / "ema.safetensors").is_file()
+def test_a_checkpoint_that_lost_its_ema_is_refused_naming_the_file(synth_root, tmp_path):
+    first = tmp_path / "first"
+    train(synth_root, first)
+    broken = tmp_path / "step_00000002"
+    shutil.copytree(first / "checkpoints" / "step_00000002", broken)
+    (broken / "ema.safetensors").unlink()
+    overrides = tiny_overrides(synth_root, tmp_path / "second", train__ema_decay=0.8, checkpoint__every_steps=2,
+                               checkpoint__keep_last=4, optim__lr=0.01)
+    result = run([PYTHON, "train.py", "--config", "configs/demo.yaml", *overrides, f"train.resume={broken}"])
+    assert result.returncode != 0
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "ema.safetensors" in last, result.stderr[-2000:]
