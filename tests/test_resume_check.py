@@ -1,6 +1,9 @@
 """Auto-resume continues a run only with a config that trains the same thing; `cityseg check` says so first."""
 from __future__ import annotations
 
+import json
+import shutil
+
 import yaml
 
 from cityseg.config import Config, load_config, to_dict
@@ -82,4 +85,19 @@ def test_changed_run_refuses_to_resume_and_allowed_changes_are_logged(synth_root
     assert "resume: allowed change train.max_steps 2 -> 4" in resumed.stdout
     assert yaml.safe_load((out / "config.yaml").read_text())["train"]["max_steps"] == 4
     assert [r["step"] for r in read_jsonl(out / "train_log.jsonl")] == [1, 2, 4]
+
+    # a checkpoint with no recorded config cannot be judged: loading it into another model names the first mismatch
+    bare = tmp_path / "elsewhere" / "step_00000004"
+    shutil.copytree(out / "checkpoints" / "step_00000004", bare)
+    (bare / "config.yaml").unlink()  # as a checkpoint written before configs were recorded in them
+    state = json.loads((bare / "trainer_state.json").read_text())
+    del state["files"]["config.yaml"]
+    (bare / "trainer_state.json").write_text(json.dumps(state))
+    other = cityseg("train", *CONFIG, *tiny_overrides(synth_root, tmp_path / "other"), f"train.resume={bare}",
+                    "model.arch=FPN")
+    assert other.returncode == 1, other.stderr[-3000:]
+    line = other.stderr.strip().splitlines()[-1]
+    assert line.startswith(f"error: {bare}") and " has shape (" in line and ") but the model" in line, line
+    assert "Error(s) in loading state_dict" not in other.stderr + other.stdout
+    assert "records no config.yaml: the config was not compared" in other.stdout
 
