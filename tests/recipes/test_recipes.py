@@ -4,6 +4,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from cityseg.config import load_config
+from cityseg.optim import lr_at
+
 from tests.conftest import REPO, PYTHON, read_jsonl, run, tiny_overrides
 
 RECIPES = sorted(p.name for p in (REPO / "configs").glob("*.yaml") if p.name not in ("demo.yaml",))
@@ -21,6 +24,13 @@ def test_recipe_trains_two_steps(recipe, synth_root, tmp_path):
     assert [r["step"] for r in read_jsonl(out / "train_log.jsonl")] == [1, 2]
     assert read_jsonl(out / "metrics.jsonl")[-1]["step"] == 2
     assert (out / "model.safetensors").is_file()
+    reference = yaml.safe_load((REPO / "configs" / recipe).read_text())["train"].get("reference_world_size")
+    if reference not in (None, 1):  # one process here: the linear scaling rule applies and says so
+        assert f"is for train.reference_world_size={reference} processes" in result.stdout + result.stderr
+        assert "scaled linearly" in result.stdout + result.stderr
+        cfg = load_config(REPO / "configs" / recipe, overrides)
+        first_lr = read_jsonl(out / "train_log.jsonl")[0]["lr"]
+        assert first_lr == pytest.approx(lr_at(0, 2, cfg.optim) / reference)
 
 
 def _epochs(recipe: str) -> str:
