@@ -14,7 +14,8 @@ class EpochSampler(Sampler[int]):
     rank i % world), dropping a last round that would not give every rank a full batch. Because the order does
     not depend on the world size, a run resumed with other processes or another batch size continues the same
     epoch: start_at(epoch, samples consumed before the stop), and the rest is shared among the new ranks, each
-    sample once.
+    sample once. (accelerate's skip_first_batches cannot: it skips whole batches of the new shape, and 4 samples
+    trained by 2 ranks x 2 are not a whole number of 3 x 2 batches.)
     """
 
     def __init__(self, num_samples: int, seed: int):
