@@ -83,6 +83,7 @@ def evaluate(cfg, weights: str | Path, split: str | None = None, aug_test: bool 
         def predict(images, size):
             return segment_logits(model, images, size, cfg.eval)
         confusion = confusion_over(model, loader, accelerator, len(names), predict=predict)
-    return {"split": split or cfg.data.val_split, "images": len(dataset), "mode": cfg.eval.mode,
+    return {"split": split or cfg.data.val_split, "images": len(dataset), "processes": accelerator.num_processes,
+            "mode": cfg.eval.mode,
             "sliding": cfg.eval.sliding, "flip": cfg.eval.flip, "scales": list(cfg.eval.scales),
             **benchmark_scores(confusion, scheme, instance_stats)}

@@ -14,10 +14,11 @@ pytestmark = pytest.mark.slow
 CONFIG = ["--config", "configs/demo.yaml"]
 
 
-def config_launch(config_file: str, num_processes: int, *target: str, port: int | None = None) -> list[str]:
-    """`accelerate launch --config_file launch/<config_file>` (the shipped launch configs, as users run them)."""
+def config_launch(config_file: str, num_processes: int, *target: str, port: int = 0) -> list[str]:
+    """`accelerate launch --config_file launch/<config_file>` (the shipped launch configs, as users run them);
+    port 0: the launcher picks a free one as it binds it."""
     return [PYTHON, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "launch" / config_file),
-            "--num_processes", str(num_processes), "--main_process_port", str(port or free_port()), *target]
+            "--num_processes", str(num_processes), "--main_process_port", str(port), *target]
 
 
 def assert_ok(result: subprocess.CompletedProcess) -> None:
@@ -90,6 +91,7 @@ def test_evaluate_gives_the_same_numbers_on_one_and_two_processes(two_process_ru
     one_metrics = json.loads((tmp_path / "one.json").read_text())
     two_metrics = json.loads((tmp_path / "two.json").read_text())
     assert one_metrics["images"] == two_metrics["images"] == 7
+    assert (one_metrics["processes"], two_metrics["processes"]) == (1, 2)  # cpu.yaml did start 2 ranks over gloo
     assert_same_metrics(one_metrics, two_metrics)
     assert two.stdout.count("mIoU") == 1, two.stdout  # the table is printed by the main rank only
     # the sharded validation inside the 2-process training reported what one process measures afterwards
@@ -100,7 +102,7 @@ def test_two_machines_on_loopback_train_together(two_process_run, synth_root, tm
     """launch/multi_node.yaml as two machines of one process each, machine 0 at 127.0.0.1: the same run, the same
     numbers as 2 processes on one machine; machine 1 stays quiet."""
     out, _ = two_process_run
-    port = free_port()
+    port = free_port()  # both machines must be told it before either starts: port 0 cannot be shared
     machines = [subprocess.Popen(
         [str(a) for a in config_launch("multi_node.yaml", 2, "--num_machines", "2", "--machine_rank", str(rank),
                                        "--main_process_ip", "127.0.0.1", "train.py", *CONFIG,

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from tests.conftest import PYTHON, free_port, run
+from tests.conftest import PYTHON, run
 
 pytestmark = pytest.mark.slow
 SCRIPT = "tests/distributed/record_shards.py"
@@ -24,7 +24,8 @@ def shards(synth_root, tmp_path_factory):
     out = tmp_path_factory.mktemp("shards")
     args = ["--config", "configs/demo.yaml", "--epochs", "2", f"data.root={synth_root}", "data.image_size=[64,128]",
             "data.batch_size=4", "data.num_workers=0", "seed=3"]
-    torchrun = [PYTHON, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port())]
+    # --standalone: a rendezvous on localhost port 0, bound by torchrun itself (no port picked in advance to race)
+    torchrun = [PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     for name, command in (("two", [*torchrun, SCRIPT, "--out", out / "two", *args]),
                           ("one", [PYTHON, SCRIPT, "--out", out / "one", *args])):
         result = run(command)
