@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 
 from tests.checkpoint.harness import (assert_exit, final_weights, logged_steps, max_abs_diff, sealed_steps, train,
                                       trainer_state, unsealed_dirs)
+from cityseg.cli import main as cityseg_main
 from tests.conftest import cityseg, read_jsonl
 
 # 16 images, batch 4: 4 steps per epoch, 2 epochs, a checkpoint after every step, the last 2 kept
@@ -14,10 +16,17 @@ KEPT = dict(train__epochs=2, checkpoint__every_steps=1, checkpoint__keep_last=2,
 
 
 @pytest.fixture(scope="module")
-def kept_run(synth_root, tmp_path_factory):
+def trained_once(synth_root, tmp_path_factory):
+    """The training, run once per module; tests never touch it, each gets its own copy (kept_run)."""
     out = tmp_path_factory.mktemp("kept") / "run"
     assert_exit(train(synth_root, out, **KEPT), 0)
     return out
+
+
+@pytest.fixture
+def kept_run(trained_once, tmp_path):
+    """This test's own copy of the run: what it truncates, resumes or exports into is seen by no other test."""
+    return shutil.copytree(trained_once, tmp_path / "kept_run")
 
 
 def test_keep_last_and_best_by_validation_miou(kept_run):
@@ -33,10 +42,16 @@ def test_keep_last_and_best_by_validation_miou(kept_run):
         (kept_run / "checkpoints" / "step_00000008" / "model.safetensors").read_bytes()
 
 
-def test_export_of_best_is_what_evaluate_loads(kept_run, tmp_path):
+def export(capfd, *args) -> tuple[int, str]:
+    """`cityseg export ...` in this process (it only copies files): (exit code, stderr)."""
+    code = cityseg_main(["export", *map(str, args)])
+    return code, capfd.readouterr().err
+
+
+def test_export_of_best_is_what_evaluate_loads(kept_run, tmp_path, capfd):
     exported = tmp_path / "exported"
-    result = cityseg("export", "--checkpoint", kept_run / "checkpoints" / "best", "--out", exported)
-    assert_exit(result, 0)
+    code, stderr = export(capfd, "--checkpoint", kept_run / "checkpoints" / "best", "--out", exported)
+    assert code == 0, stderr
     assert sorted(p.name for p in exported.iterdir()) == ["config.yaml", "model.safetensors"]
     metrics_file = tmp_path / "metrics.json"
     result = cityseg("evaluate", "--config", exported / "config.yaml", "--checkpoint", exported / "model.safetensors",
@@ -46,13 +61,13 @@ def test_export_of_best_is_what_evaluate_loads(kept_run, tmp_path):
     assert json.loads(metrics_file.read_text())["mIoU"] == pytest.approx(record["mIoU"], abs=1e-6)
 
     # by default export writes into the run directory, and never silently replaces the final weights there
-    result = cityseg("export", "--checkpoint", kept_run / "checkpoints" / "best")
-    assert_exit(result, 1)
-    assert result.stderr.strip().splitlines() == [
+    before = (kept_run / "model.safetensors").read_bytes()
+    code, stderr = export(capfd, "--checkpoint", kept_run / "checkpoints" / "best")
+    assert code == 1 and stderr.strip().splitlines() == [
         f"error: {kept_run / 'model.safetensors'}: already exists (pass --force to replace it, or choose --out)"]
-    result = cityseg("export", "--checkpoint", tmp_path / "nowhere")
-    assert_exit(result, 1)
-    assert result.stderr.strip() == f"error: {tmp_path / 'nowhere'}: checkpoint directory not found"
+    assert (kept_run / "model.safetensors").read_bytes() == before
+    code, stderr = export(capfd, "--checkpoint", tmp_path / "nowhere")
+    assert code == 1 and stderr.strip() == f"error: {tmp_path / 'nowhere'}: checkpoint directory not found"
 
 
 def test_corrupt_newest_checkpoint_is_reported_and_the_previous_one_resumed(synth_root, kept_run, tmp_path):

@@ -3,7 +3,8 @@
 The parent imports cityseg once and forks each run (a restart costs no import time); a child is a real
 `cityseg train` process, killed with SIGKILL. Every other kill waits for a save in progress;
 the others come at a random time within the first few steps after the restart. Prints one JSON
-object per kill and a final one for the uninterrupted completion (two more steps than the newest checkpoint).
+object per kill and a final one for the uninterrupted completion. Each run may train HEADROOM steps past the
+checkpoint it starts from (train.max_steps grows from run to run, as a resume allows; it may never shrink).
 """
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ from safetensors.torch import load_file
 
 from cityseg import checkpoint
 from cityseg.cli import main as cityseg_main
+
+HEADROOM = 10  # steps a run may take past its checkpoint: more than a kill ever lets it run, few to finish
 
 
 def start_run(args: list[str], log: Path) -> int:
@@ -52,6 +55,13 @@ def saving(out: Path, step: int, started: float) -> bool:
         return False
 
 
+def killed_mid_save(out: Path, started: float) -> bool:
+    """A temporary checkpoint directory written by this run is left behind: the kill came inside a save (a save
+    clears the leftover of a killed one only when it saves that step again, so an older leftover is not this run's)."""
+    partials = (out / "checkpoints").glob(".tmp_step_*") if (out / "checkpoints").is_dir() else []
+    return any(partial.stat().st_mtime >= started for partial in partials)
+
+
 def on_disk(out: Path) -> dict:
     """Every sealed checkpoint must verify and its weights load with safetensors."""
     corrupt, steps = [], []
@@ -74,8 +84,8 @@ def main() -> int:
         expected = checkpoint.find_resume(out, warn=lambda _: None)
         log = out.parent / f"{out.name}_run{index}.log"
         started = time.time()
-        pid = start_run(args, log)
         first = (checkpoint.read_trainer_state(expected)["step"] if expected else 0) + 1
+        pid = start_run([*args, f"train.max_steps={first - 1 + HEADROOM}"], log)
         if index % 2 == 1:  # during a save: the second one of this run (the first seals, so the run moves on)
             alive = wait_for(lambda: saving(out, first + 1, started), pid)
             time.sleep(rng.uniform(0.0, 0.05))
@@ -86,19 +96,21 @@ def main() -> int:
         if not alive:
             print(json.dumps({"kill": index, "finished_early": True, "log": log.read_text()[-2000:]}), flush=True)
             return 1
-        mid_save = any(saving(out, step, started) for step in range(first, first + 6))
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
+        mid_save = killed_mid_save(out, started)  # judged after the kill: what the kill actually interrupted
         text = log.read_text()
         resumed_line = next((line for line in text.splitlines() if line.startswith("resume:")), None)
         print(json.dumps({"kill": index, "expected_resume": str(expected) if expected else None,
                           "resume_line": resumed_line, "killed_mid_save": mid_save, **on_disk(out)}), flush=True)
     log = out.parent / f"{out.name}_final.log"
     newest = max(on_disk(out)["steps"], default=0)
-    pid = start_run([*args, f"train.max_steps={newest + 2}"], log)  # finish soon: the point is that it can
+    pid = start_run([*args, f"train.max_steps={newest + HEADROOM}"], log)  # to its end: the point is that it can
     _, status = os.waitpid(pid, 0)
-    print(json.dumps({"final": True, "exit": os.waitstatus_to_exitcode(status), "log": log.read_text()[-3000:],
-                      **on_disk(out)}), flush=True)
+    text = log.read_text()
+    resumed_line = next((line for line in text.splitlines() if line.startswith("resume:")), None)
+    print(json.dumps({"final": True, "exit": os.waitstatus_to_exitcode(status), "resume_line": resumed_line,
+                      "log": text[-3000:], **on_disk(out)}), flush=True)
     return 0
 
 
