@@ -47,6 +47,7 @@ class Speedometer:
         self.cuda = device.type == "cuda"
         self.world, self.flops_per_image, self.peak_flops = world, flops_per_image, peak_flops
         self.epoch_wait = self.epoch_wall = 0.0
+        self.epoch_images = 0
         self.restart(0.0)
 
     def restart(self, waited_s: float) -> None:
@@ -69,6 +70,7 @@ class Speedometer:
             busy = self.start_event.elapsed_time(end) / 1000
         waited = waited_s - self.waited_at
         self.epoch_wait, self.epoch_wall = self.epoch_wait + waited, self.epoch_wall + wall
+        self.epoch_images += self.images * self.world
         images_per_s = self.images * self.world / wall
         record = {"images_per_s": images_per_s, "step_time_s": busy / max(self.steps, 1),
                   "data_wait": waited / wall}  # fraction of this rank's wall time
@@ -83,8 +85,10 @@ class Speedometer:
     def epoch_verdict(self, epoch: int) -> str:
         """One line: was this epoch data-bound or compute-bound, and the number behind it."""
         share = self.epoch_wait / max(self.epoch_wall, 1e-9)
-        numbers = f"{100 * share:.1f}% of {self.epoch_wall:.1f} s waiting for data ({self.epoch_wait:.1f} s)"
+        numbers = (f"{100 * share:.1f}% of {self.epoch_wall:.1f} s waiting for data ({self.epoch_wait:.1f} s), "
+                   f"{self.epoch_images / max(self.epoch_wall, 1e-9):.1f} img/s over the epoch")
         self.epoch_wait = self.epoch_wall = 0.0
+        self.epoch_images = 0
         if share > DATA_BOUND_SHARE:
             return (f"epoch {epoch}: data-bound: {numbers}; more data.num_workers, data.cache.dir or "
                     "data.cache.device_augment would feed the model faster")
