@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 TRAINER_STATE = "trainer_state.json"  # step, epoch, samples of it trained, best, run shape, sizes of files written
 MODEL_FILE = "model.safetensors"
+EMA_FILE = "ema.safetensors"  # the EMA of the weights (train.ema_decay): what validation measured, so what is exported
 CONFIG_FILE = "config.yaml"  # the run's resolved config, copied into each checkpoint: export needs nothing else
 
 
@@ -237,8 +238,8 @@ def load_weights(model, path: str | Path) -> None:
     """Load model.safetensors (never a pickle) into the model; a wrong architecture or class count names the first
     mismatch."""
     path = Path(path)
-    if path.is_dir():
-        path = path / MODEL_FILE
+    if path.is_dir():  # a checkpoint directory: the EMA weights if the run kept them (what it validated)
+        path = path / EMA_FILE if (path / EMA_FILE).is_file() else path / MODEL_FILE
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found")
     try:
@@ -282,7 +283,8 @@ def export(checkpoint_dir: str | Path, out_dir: str | Path, overwrite: bool = Fa
     if target.exists() and not overwrite:
         raise CheckpointError(f"{target}: already exists (pass --force to replace it, or choose --out)")
     out_dir.mkdir(parents=True, exist_ok=True)
-    weights = load_file(str(checkpoint_dir / MODEL_FILE))
+    ema = checkpoint_dir / EMA_FILE
+    weights = load_file(str(ema if ema.is_file() else checkpoint_dir / MODEL_FILE))
     for name in (MODEL_FILE, CONFIG_FILE):
         staging = out_dir / f".{name}.tmp"
         if name == MODEL_FILE:

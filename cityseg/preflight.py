@@ -153,6 +153,13 @@ def run_checks(cfg, deep: bool = False, world_size: int | None = None, cuda: boo
                 return True, f"{cfg.data.batch_size} per process <= {len(pairs) // world} samples per process", None
             _guard(checks, "batch size", share)
 
+    def pretrained():  # before the model: building it offline without them fails with a less direct message
+        from cityseg.weights import describe
+
+        ok, detail = describe(cfg.model)
+        return ok, detail, None
+    _guard(checks, "pretrained weights", pretrained)
+
     def model():
         built = build_model(cfg.model, len(class_names(cfg.data.label_scheme)))
         params = sum(p.numel() for p in built.parameters())
