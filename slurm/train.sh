@@ -82,6 +82,7 @@ hosts=$(scontrol show hostnames "$SLURM_JOB_NODELIST")
 export MASTER_ADDR=${hosts%%$'\n'*}   # rank 0 runs on the first node of the allocation
 export LOCAL_WORLD_SIZE=$procs_per_node
 max_restarts=${CITYSEG_MAX_RESTARTS:-2}
+step_end_limit=${CITYSEG_STEP_END_LIMIT_S:-30}  # after a task failed, how long srun may wait for the others
 if ! [[ $max_restarts =~ ^[0-9]+$ ]]; then
     echo "cityseg: CITYSEG_MAX_RESTARTS=$max_restarts: expected a whole number (0 = never restart)" >&2
     exit 2
@@ -119,23 +120,55 @@ if [[ -n "${SLURM_CPUS_PER_TASK:-}" ]]; then
     srun_args+=(--cpus-per-task="$SLURM_CPUS_PER_TASK")
 fi
 
+end_stuck_step() {  # end_stuck_step ERR_FILE: srun outlived its failed tasks; the hosts it still waits for are lost
+    local host silent=()
+    for host in $hosts; do
+        grep -q -E "^srun: error: $host: task" "$1" 2>/dev/null || silent+=("$host")
+    done
+    say "lost host(s): ${silent[*]:-unknown}: no word from their tasks ${step_end_limit} s after the first task" \
+        "failed (CITYSEG_STEP_END_LIMIT_S); ending the step"
+    kill -KILL "$srun_pid" 2>/dev/null || true
+    for step in $(squeue -h -s -j "$SLURM_JOB_ID" -o %i 2>/dev/null | grep -E '\.[0-9]+$' || true); do
+        scancel --signal=KILL "$step" 2>/dev/null || true
+    done
+    cause="lost host(s) ${silent[*]:-unknown}"
+}
+
 run_attempt() {  # run_attempt N: sets $status (srun's exit code) and $cause (srun's report of the first failure)
     local attempt=$1 exit_file="$state.exit" err_file="$state.err" pid_file="$state.pid"
     shift
     rm -f "$exit_file" "$err_file" "$pid_file" "$CITYSEG_REQUEUE_FILE" "$CITYSEG_STEP_FILE"
+    cause=
     export MASTER_PORT=$(( 20000 + (SLURM_JOB_ID * 8 + attempt) % 40000 ))  # a fresh port per attempt
+    local step_args=("${srun_args[@]}")
+    # A restart after a lost host: SLURM still counts the lost step's tasks on that host until it hears of
+    # their end, which a power-cycled host never sends; --overlap lets the new step use those resources.
+    if (( attempt > 0 )); then step_args+=(--overlap); fi
     # setsid -f: srun leaves this shell's process tree, so a signal for the batch step (scancel --full,
     # with proctrack/linuxproc) reaches this shell only, never srun; srun's stderr is also kept for $cause.
     setsid -f bash -c 'srun "${@:4}" 2> >(tee "$2" >&2) & echo $! > "$3"; wait $!; echo $? > "$1"' \
-        wrapper "$exit_file" "$err_file" "$pid_file" "${srun_args[@]}" bash -c "$task" task "$@"
+        wrapper "$exit_file" "$err_file" "$pid_file" "${step_args[@]}" bash -c "$task" task "$@"
     while [[ ! -s $pid_file ]]; do sleep 0.2 || true; done
     srun_pid=$(cat "$pid_file")
     if [[ -n $stop_signal ]]; then forward_stop_until_srun_ends; fi
-    while [[ ! -s $exit_file ]] && kill -0 "$srun_pid" 2>/dev/null; do sleep 1 || true; done
+    local first_exit=
+    while [[ ! -s $exit_file ]] && kill -0 "$srun_pid" 2>/dev/null; do
+        sleep 1 || true
+        # A host that lost power never reports its tasks' end and srun waits for it forever: once a task has
+        # failed, give the step a bounded time to end, then name the silent host(s) and end the step ourselves.
+        if [[ -z $first_exit ]] && grep -q -E '^srun: error: .*task [0-9]+: ' "$err_file" 2>/dev/null; then
+            first_exit=$SECONDS
+        fi
+        if [[ -n $first_exit ]] && (( SECONDS - first_exit > step_end_limit )); then
+            end_stuck_step "$err_file"
+            break
+        fi
+    done
     sleep 0.5 || true  # the wrapper writes the exit code right after srun ends
     status=$(cat "$exit_file" 2>/dev/null || echo 1)
     srun_pid=
     if [[ -n $forwarder_pid ]]; then kill "$forwarder_pid" 2>/dev/null || true; forwarder_pid=; fi
+    [[ -z ${cause:-} ]] || return 0
     cause=$(grep -m1 -E 'srun: error: .*(task [0-9]+|Node failure)' "$err_file" 2>/dev/null | sed 's/^srun: error: //' || true)
     cause=${cause:-exit code $status}
 }

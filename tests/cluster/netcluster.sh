@@ -156,10 +156,16 @@ all_idle() {
 host_pids() { ip netns pids "$P-${1#"$P"-}"; }
 
 kill_host() {  # every process whose network namespace is the host's: slurmd, slurmstepd, the ranks
-    local host=${1#"$P"-} pids
-    pids=$(host_pids "$host")
-    [[ -z $pids ]] || kill -KILL $pids 2>/dev/null || true
-    wait_for 10 "exit of every process of $host" test -z "$(host_pids "$host")"
+    local host=${1#"$P"-} pids deadline=$(( SECONDS + 15 ))
+    while pids=$(host_pids "$host"); [[ -n $pids ]]; do  # again and again: one may be forking right now
+        pids=$(ps -o pid= -o stat= -p $(echo $pids) | awk '$2 !~ /^Z/ {print $1}' || true)
+        [[ -n $pids ]] || break  # only zombies left: dead, waiting for their parent to reap them
+        kill -KILL $pids 2>/dev/null || true
+        if (( SECONDS > deadline )); then
+            die "processes of $host still alive after SIGKILL: $(ps -o pid=,stat=,args= -p $(echo $pids) | tr '\n' ';')"
+        fi
+        sleep 0.2
+    done
 }
 
 set_cable() {  # set_cable HOST up|down: the bridge end of the host's cluster link
