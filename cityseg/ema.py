@@ -24,13 +24,17 @@ class WeightEMA:
 
     @torch.no_grad()
     def update(self, step: int) -> None:
-        decay = self.decay_at(step)
-        trained = self.source.state_dict()
+        trained = self.source.state_dict()  # views of the live tensors; load_state_dict copies into them in place
+        floats, sources, others = [], [], []
         for name, average in self.module.state_dict().items():
             if average.is_floating_point():
-                average.lerp_(trained[name].to(average.dtype), 1.0 - decay)
+                floats.append(average)
+                sources.append(trained[name])
             else:  # e.g. BatchNorm's num_batches_tracked
-                average.copy_(trained[name])
+                others.append((average, trained[name]))
+        torch._foreach_lerp_(floats, sources, 1.0 - self.decay_at(step))  # one fused kernel per dtype/device
+        for average, value in others:
+            average.copy_(value)
 
     def save(self, directory: str | Path) -> None:
         state = {name: tensor.detach().cpu().contiguous() for name, tensor in self.module.state_dict().items()}

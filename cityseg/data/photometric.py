@@ -1,9 +1,10 @@
-"""Photometric distortion as mmsegmentation's PhotoMetricDistortion: brightness, contrast, saturation, hue — one
-torch implementation shared by the CPU transform (one image) and the device-augment path (a batch)."""
+"""Photometric distortion as mmsegmentation's PhotoMetricDistortion: brightness, contrast, saturation, hue — on a
+uint8 image with OpenCV for the CPU transform (step for step as mmseg), in float torch for a batch on the device."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import cv2
 import numpy as np
 import torch
 
@@ -31,6 +32,29 @@ def draw_params(rng: np.random.Generator) -> PhotometricParams:
     saturation = float(rng.uniform(*SATURATION_RANGE)) if rng.random() < 0.5 else None
     hue = float(rng.integers(-HUE_DELTA, HUE_DELTA + 1)) if rng.random() < 0.5 else None
     return PhotometricParams(brightness, contrast, contrast_first, saturation, hue)
+
+
+def _convert(pixels: np.ndarray, alpha: float = 1.0, beta: float = 0.0) -> np.ndarray:
+    return np.clip(pixels.astype(np.float32) * alpha + beta, 0, 255).astype(np.uint8)
+
+
+def distort_uint8(image: np.ndarray, params: PhotometricParams) -> np.ndarray:
+    """[H, W, 3] uint8 RGB, as mmseg does it: uint8 after each step, OpenCV's 8-bit HSV (hue 0-180). About 70x
+    faster on one core than the float path below, which matters in a loader worker at 1024x2048."""
+    if params.brightness is not None:
+        image = _convert(image, beta=params.brightness)
+    if params.contrast is not None and params.contrast_first:
+        image = _convert(image, alpha=params.contrast)
+    if params.saturation is not None or params.hue is not None:
+        hsv = cv2.cvtColor(image, cv2.COLOR_RGB2HSV)
+        if params.saturation is not None:
+            hsv[..., 1] = _convert(hsv[..., 1], alpha=params.saturation)
+        if params.hue is not None:
+            hsv[..., 0] = (hsv[..., 0].astype(np.int16) + int(params.hue)) % 180
+        image = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
+    if params.contrast is not None and not params.contrast_first:
+        image = _convert(image, alpha=params.contrast)
+    return image
 
 
 def rgb_to_hsv(rgb: torch.Tensor) -> torch.Tensor:
@@ -90,5 +114,5 @@ def distort_batch(pixels: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
 
 
 def distort(pixels: torch.Tensor, params: PhotometricParams) -> torch.Tensor:
-    """One [3, H, W] image, float RGB in 0-255 (the CPU transform's path)."""
+    """One [3, H, W] image, float RGB in 0-255, the device path's arithmetic."""
     return distort_batch(pixels[None], params_table([params]))[0]

@@ -5,10 +5,9 @@ from __future__ import annotations
 import albumentations as A
 import cv2
 import numpy as np
-import torch
 from albumentations.pytorch import ToTensorV2
 
-from cityseg.data.photometric import distort, draw_params
+from cityseg.data.photometric import distort_uint8, draw_params
 from cityseg.labels import IGNORE_INDEX
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -60,9 +59,7 @@ class PhotometricDistortion(A.ImageOnlyTransform):
         return {"photometric": draw_params(self.random_generator)}
 
     def apply(self, img: np.ndarray, photometric=None, **params) -> np.ndarray:
-        pixels = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1).float()
-        out = distort(pixels, photometric).round().clamp(0, 255).to(torch.uint8)
-        return out.permute(1, 2, 0).numpy()
+        return distort_uint8(np.ascontiguousarray(img), photometric)
 
     def get_transform_init_args_names(self) -> tuple:
         return ()

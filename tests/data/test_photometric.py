@@ -1,5 +1,5 @@
-"""Photometric distortion: mmsegmentation's arithmetic (checked against OpenCV's HSV), seeded per sample on the
-CPU path, and applied on the device-augment path."""
+"""Photometric distortion: the CPU transform is mmsegmentation's uint8 steps exactly, the device path's float
+arithmetic agrees with them, seeded per sample on both paths."""
 import types
 
 import cv2
@@ -39,6 +39,15 @@ def mmseg_reference(img: np.ndarray, p: PhotometricParams) -> np.ndarray:
     if p.contrast is not None and not p.contrast_first:
         out = convert(out, alpha=p.contrast)
     return out
+
+
+def test_cpu_transform_is_mmsegs_uint8_steps_exactly():
+    img = image(2)
+    transform = PhotometricDistortion()
+    for seed in range(20):
+        params = draw_params(np.random.default_rng(seed))
+        out = transform.apply(img, photometric=params)
+        assert out.dtype == np.uint8 and np.array_equal(out, mmseg_reference(img, params)), params
 
 
 def test_brightness_and_contrast_are_mmsegs_arithmetic():
