@@ -30,6 +30,9 @@ def weights_path(path: str | Path) -> Path:
         return path / "model.safetensors"
     if not path.exists():
         raise CheckpointError(f"{path}: no run directory, checkpoint directory or weights file there")
+    if path.is_dir() and not (path / "trainer_state.json").is_file() and (path / "checkpoints").is_dir():
+        raise CheckpointError(f"{path}: no model.safetensors yet (training not finished?); load "
+                              f"{path / 'checkpoints' / 'best'} or a {path / 'checkpoints'}/step_<N> directory")
     return path
 
 

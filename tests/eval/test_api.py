@@ -99,3 +99,7 @@ def test_bad_inputs_say_what_was_expected(trained_run, tmp_path):
         segmenter.predict_batch(torch.zeros(3, 8, 8, dtype=torch.uint8))
     with pytest.raises(CheckpointError, match="no run directory"):
         Segmenter.load(tmp_path / "nothing")
+    unfinished = tmp_path / "unfinished"
+    (unfinished / "checkpoints").mkdir(parents=True)
+    with pytest.raises(CheckpointError, match=r"no model.safetensors yet \(training not finished\?\); load "):
+        Segmenter.load(unfinished)
