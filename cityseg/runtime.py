@@ -20,7 +20,8 @@ def make_accelerator(cfg) -> Accelerator:
         mixed_precision=cfg.train.mixed_precision,
         gradient_accumulation_steps=cfg.train.grad_accum,
         # shuffle of epoch e = permutation seeded by (seed + e): the same on every rank, for any world size, replayable
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed),
+        # non_blocking: pinned batches reach the GPU without the host waiting (the loader time is then host time)
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed, non_blocking=True),
         kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(minutes=cfg.dist.timeout_minutes))],
     )
     launched = int(os.environ.get("WORLD_SIZE", "1"))

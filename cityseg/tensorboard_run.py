@@ -9,8 +9,16 @@ LOG_DIR = "tensorboard"  # <output_dir>/tensorboard/: `tensorboard --logdir <out
 
 def step_scalars(record: dict) -> dict:
     """A training record as tracker scalars; W&B logs the same names."""
-    return {"epoch": record["epoch"], "train/loss": record["loss"], "train/lr": record["lr"],
-            "train/images_per_s": record["images_per_s"], "train/data_wait": record["data_wait"]}
+    scalars = {"epoch": record["epoch"], "train/loss": record["loss"], "train/lr": record["lr"],
+               "train/images_per_s": record["images_per_s"], "train/data_wait": record["data_wait"]}
+    for key in SPEED_KEYS:  # what the engine measured (MFU and memory only on a GPU)
+        if key in record:
+            scalars[f"train/{key}"] = record[key]
+    return scalars
+
+
+SPEED_KEYS = ("step_time_s", "mfu", "mem_allocated_gb", "mem_reserved_gb", "grad_norm", "nan_skipped",
+              "scaler_skipped")
 
 
 def eval_scalars(record: dict) -> dict:

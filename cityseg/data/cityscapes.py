@@ -97,14 +97,20 @@ class CityscapesPairs(Dataset):
     def __init__(self, pairs, label_lut, transform, seed: int = 0, on_bad_sample: str = "error",
                  bad_sample_log: Path | None = None):
         self.pairs, self.label_lut, self.transform = pairs, label_lut, transform
-        self.seed, self.epoch = seed, 0
+        self.seed = seed
+        # in shared memory: persistent loader workers (forked once) see each set_epoch of the main process
+        self.shared_epoch = torch.zeros((), dtype=torch.int64).share_memory_()
         self.on_bad_sample, self.bad_sample_log = on_bad_sample, bad_sample_log
 
     def __len__(self) -> int:
         return len(self.pairs)
 
+    @property
+    def epoch(self) -> int:
+        return int(self.shared_epoch)
+
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch  # read by workers started after this call (workers are not persistent)
+        self.shared_epoch.fill_(epoch)  # before the epoch's iterator starts: workers then fetch its samples
 
     def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         return read_pair(*self.pairs[index], self.label_lut)

@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader, Subset
 from cityseg.config import ConfigError
 from cityseg.data.cache import CachedPairs, check_manifest, storage_size
 from cityseg.data.cityscapes import CityscapesPairs, collate, find_pairs
+from cityseg.data.device_augment import AugmentParamsCollate
 from cityseg.data.sampler import EpochSampler
 from cityseg.data.transforms import eval_transform, train_transform
 from cityseg.labels import label_lut
@@ -63,11 +64,25 @@ def train_loader(cfg, dataset, rank: int) -> DataLoader:
     accelerate.prepare deals the batches to the ranks in turn."""
     return DataLoader(
         dataset, batch_size=cfg.data.batch_size, sampler=EpochSampler(len(dataset), cfg.seed), drop_last=True,
-        collate_fn=collate,
-        num_workers=cfg.data.num_workers, pin_memory=torch.cuda.is_available(),
+        collate_fn=train_collate(cfg, dataset),
         worker_init_fn=functools.partial(init_worker, rank=rank, preempt_signals=cfg.train.preempt_signals),
-        prefetch_factor=4 if cfg.data.num_workers > 0 else None,
+        **worker_kwargs(cfg.data.num_workers),
     )
+
+
+def train_collate(cfg, dataset):
+    """With data.cache.device_augment, batches carry each sample's augmentation (drawn in the worker) instead of
+    its index: the device never hands indices back to the host."""
+    if cfg.data.cache.dir and cfg.data.cache.device_augment:
+        return AugmentParamsCollate(collate, cfg.data, cfg.seed, dataset.shared_epoch)
+    return collate
+
+
+def worker_kwargs(num_workers: int) -> dict:
+    """Pinned batches (copied to the GPU without blocking) and workers forked once per run, not per epoch or
+    per validation: with few steps per epoch, re-forking and the first batch's decode cost more than training."""
+    return {"num_workers": num_workers, "pin_memory": torch.cuda.is_available(),
+            "persistent_workers": num_workers > 0, "prefetch_factor": 4 if num_workers > 0 else None}
 
 
 def rank_shard(num_samples: int, rank: int, world_size: int) -> list[int]:
@@ -80,5 +95,7 @@ def eval_loader(cfg, dataset, rank: int, world_size: int, batch_size: int | None
     shard = Subset(dataset, rank_shard(len(dataset), rank, world_size))
     return DataLoader(
         shard, batch_size=batch_size or cfg.data.val_batch_size or cfg.data.batch_size, shuffle=False,
-        collate_fn=collate, num_workers=cfg.data.num_workers, pin_memory=torch.cuda.is_available(),
+        collate_fn=collate, **worker_kwargs(cfg.data.num_workers),
+        # persistent workers live through training: they must survive a preemption signal sent to the whole job
+        worker_init_fn=functools.partial(init_worker, rank=rank, preempt_signals=cfg.train.preempt_signals),
     )
