@@ -4,9 +4,11 @@ from __future__ import annotations
 import os
 import signal
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from cityseg.config import ConfigError
 
@@ -17,7 +19,7 @@ SECOND_CTRL_C_AFTER_S = 2.0  # a second SIGINT sooner than this is the launcher 
 
 
 class StopFlag:
-    """Set by a signal handler in this process; sum_across_ranks makes every rank see it at the same step."""
+    """Set by a signal handler in this process; StopVote makes every rank see it at the same step."""
 
     def __init__(self):
         self.received: str | None = None
@@ -62,13 +64,22 @@ def shield_worker(signal_names: list[str]) -> None:
         signal.signal(getattr(signal, name), _ignore)
 
 
-def sum_across_ranks(accelerator, values: list) -> list[float]:
-    """One small all-reduce carrying everything the ranks must agree on each step (stop flag, NaN, loss)."""
-    packed = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=accelerator.device).reshape(())
-                          for v in values])
-    if accelerator.num_processes > 1:
-        packed = accelerator.reduce(packed, reduction="sum")
-    return packed.tolist()
+class StopVote:
+    """Whether any rank has received a stop signal, agreed every step over a CPU (gloo) group: a host-side
+    collective of one number, so a GPU run neither copies a flag to the device nor waits for the device to read it."""
+
+    def __init__(self, accelerator, timeout_minutes: float):
+        self.world = accelerator.num_processes
+        self.group = None
+        if self.world > 1 and dist.get_backend() != "gloo":  # CPU runs: the default group is gloo already
+            self.group = dist.new_group(backend="gloo", timeout=timedelta(minutes=timeout_minutes))
+
+    def any(self, requested: bool) -> bool:
+        if self.world == 1:
+            return requested
+        flag = torch.tensor([1 if requested else 0], dtype=torch.int32)
+        dist.all_reduce(flag, group=self.group)
+        return bool(flag.item())  # a CPU tensor: no device involved
 
 
 def write_requeue_marker(checkpoint: Path) -> None:
