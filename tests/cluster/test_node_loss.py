@@ -23,6 +23,8 @@ def test_host_killed_and_back_within_seconds_restarts_inside_the_allocation(clus
     info = cluster.wait_job(job, tmp_path)
     log = job_log(tmp_path, job)
     assert info["JobState"] == "COMPLETED", log
+    assert f"lost host(s): {cluster.host('h2')}: no word from their tasks 30 s after" in log, log
+    assert "Connection reset by peer" in log or "Connection closed by peer" in log, log  # rank 0 saw it at once
     assert final_step(out) == 12
     assert_same_weights(out, reference_run["out"])
 
@@ -46,6 +48,8 @@ def test_host_silent_past_slurmd_timeout_is_declared_down_and_the_job_requeued(c
     cluster.script("start-slurmd", "h2", str(cluster.root))
     info = cluster.wait_job(job, tmp_path, timeout=300)
     log = job_log(tmp_path, job)
-    assert info["JobState"] == "COMPLETED", log
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", log
+    assert f"Node failure on {cluster.host('h2')}" in log, log  # srun names the host SLURM declared down
+    assert "[rank 0] error: a collective failed" in log, log  # rank 0 gave up by itself (dist.timeout_minutes)
     assert final_step(out) == 12
     assert_same_weights(out, reference_run["out"])
