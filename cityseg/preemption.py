@@ -15,6 +15,7 @@ from cityseg.config import ConfigError
 EXIT_REQUEUE = 75  # "checkpointed, please requeue" (EX_TEMPFAIL); slurm/train.sh also reads CITYSEG_REQUEUE_FILE
 EXIT_INTERRUPTED = 130  # Ctrl-C (SIGINT): checkpointed, stopped on purpose (the shell's 128 + SIGINT)
 REQUEUE_FILE_ENV = "CITYSEG_REQUEUE_FILE"
+STEP_FILE_ENV = "CITYSEG_STEP_FILE"
 SECOND_CTRL_C_AFTER_S = 2.0  # a second SIGINT sooner than this is the launcher forwarding the first one
 
 
@@ -91,3 +92,14 @@ def write_requeue_marker(checkpoint: Path) -> None:
         staging = marker.with_name(f".{marker.name}.tmp")
         staging.write_text(f"{checkpoint}\n")
         staging.replace(marker)  # appears whole: the script may read the checkpoint path from it
+
+
+def mark_step(step: int) -> None:
+    """Write the number of the last finished step to $CITYSEG_STEP_FILE (main process, every step): slurm/train.sh
+    restarts only an attempt that got past its first step, and tests send signals when step k is reached."""
+    path = os.environ.get(STEP_FILE_ENV)
+    if path:
+        staging = f"{path}.tmp"
+        with open(staging, "w") as out:
+            out.write(f"{step}\n")
+        os.replace(staging, path)  # whole or absent: a reader never sees a half-written number
