@@ -66,3 +66,25 @@ def test_sweep_runs_a_job_array_with_a_task_per_combination(cluster, cluster_dat
         assert config["output_dir"] == str(run_dir) and config["tracking"]["wandb"]["group"] == "demo-sweep"
         assert (run_dir / "wandb").is_dir()  # its own W&B run (offline), in the sweep's group
     assert sorted(p.name for p in out.iterdir()) == ["lr=0.001", "lr=0.002"]
+
+
+def test_a_preempted_sweep_task_requeues_and_resumes_alone(cluster, cluster_data, tmp_path):
+    out = tmp_path / "run"
+    result = submit("--nodes", "1", "--gpus-per-node", "0", "--time", "00:10:00", "--log-dir", str(tmp_path),
+                    "--sweep", "optim.lr=0.001,0.002", *tiny(cluster_data, out, max_steps=12),
+                    env=cluster.job_env(tmp_path), prefix=["nsenter", f"--net=/run/netns/{cluster.host('ctl')}"])
+    assert result.returncode == 0, result.stderr
+    array = re.search(r"submitted job array (\d+)", result.stdout).group(1)
+    def running_task0():  # a pending array is one record (the array's id); a started task has its own JobId
+        info = cluster.job(f"{array}_0")
+        return info["JobId"] if info.get("JobState") == "RUNNING" else None
+    task0 = cluster.wait_until(running_task0, "task 0 running", array, tmp_path, 120)
+    cluster.wait_step(tmp_path, task0, 3)  # train.sh's step file is named by the task's own SLURM_JOB_ID
+    cluster.client("scancel", "--signal=TERM", "--full", f"{array}_0")
+    infos = {task: cluster.wait_job(f"{array}_{task}", tmp_path, timeout=300) for task in (0, 1)}
+    log0 = "\n".join(p.read_text(errors="replace") for p in tmp_path.glob(f"demo-{array}_0.*"))
+    assert infos[0]["JobState"] == "COMPLETED" and infos[0]["Restarts"] == "1", log0[-4000:]
+    assert infos[1]["JobState"] == "COMPLETED" and infos[1]["Restarts"] == "0"
+    assert f"requeueing job {task0}" in log0 and log0.count("sweep task 0 of array") == 2  # same overrides again
+    assert final_step(out / "lr=0.001") == 12 and final_step(out / "lr=0.002") == 12
+    assert "resume: from" in log0
