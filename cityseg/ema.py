@@ -16,24 +16,26 @@ class WeightEMA:
     dominated by the random init (timm's warmup). d is a pure function of the step: resuming is exact."""
 
     def __init__(self, model: torch.nn.Module, decay: float):
-        self.source, self.decay = model, decay
+        self.decay = decay
         self.module = copy.deepcopy(model).eval().requires_grad_(False)
+        # pairs of (average, live tensor), made once: parameters and buffers are updated in place (optimizer step,
+        # load_state on resume), so the views stay valid and a step builds no dicts
+        trained = model.state_dict()
+        self.floats, self.sources, self.others = [], [], []
+        for name, average in self.module.state_dict().items():
+            if average.is_floating_point():
+                self.floats.append(average)
+                self.sources.append(trained[name])
+            else:  # e.g. BatchNorm's num_batches_tracked
+                self.others.append((average, trained[name]))
 
     def decay_at(self, step: int) -> float:
         return min(self.decay, (1 + step) / (10 + step))
 
     @torch.no_grad()
     def update(self, step: int) -> None:
-        trained = self.source.state_dict()  # views of the live tensors; load_state_dict copies into them in place
-        floats, sources, others = [], [], []
-        for name, average in self.module.state_dict().items():
-            if average.is_floating_point():
-                floats.append(average)
-                sources.append(trained[name])
-            else:  # e.g. BatchNorm's num_batches_tracked
-                others.append((average, trained[name]))
-        torch._foreach_lerp_(floats, sources, 1.0 - self.decay_at(step))  # one fused kernel per dtype/device
-        for average, value in others:
+        torch._foreach_lerp_(self.floats, self.sources, 1.0 - self.decay_at(step))  # fused, no host read
+        for average, value in self.others:
             average.copy_(value)
 
     def save(self, directory: str | Path) -> None:
