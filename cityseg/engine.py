@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import math
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -13,19 +12,22 @@ from accelerate.utils import broadcast_object_list, set_seed
 from cityseg import checkpoint, resume_check
 from cityseg.config import save_config
 from cityseg.data.cityscapes import skipped_samples
-from cityseg.data.device_augment import augment_batch
+from cityseg.data.device_augment import augment_with_theta
 from cityseg.data.loaders import eval_dataset, eval_loader, train_dataset, train_loader
 from cityseg.data.sampler import epoch_sampler
+from cityseg.ema import attach_ema
 from cityseg.labels import class_names
 from cityseg.losses import build_loss
 from cityseg.metrics import confusion_over, summarize
-from cityseg.model import average_batchnorm_stats, build_model
-from cityseg.optim import build_optimizer, lr_at
-from cityseg.preemption import EXIT_INTERRUPTED, EXIT_REQUEUE, StopFlag, write_requeue_marker
+from cityseg.model import average_batchnorm_stats, build_model, convert_sync_batchnorm, unwrap_for_eval
+from cityseg.optim import build_optimizer, lr_at, scaled_lr_factor
+from cityseg.flops import peak_flops, train_flops_per_image
+from cityseg.preemption import EXIT_INTERRUPTED, EXIT_REQUEUE, StopFlag, StopVote, mark_step, write_requeue_marker
 from cityseg.preflight import check_batch_share, check_output_dir
 from cityseg.runtime import make_accelerator
-from cityseg.step import train_step
-from cityseg.tracking import DataWait, RunConsole, append_jsonl, drop_records_after
+from cityseg.profiling import StepProfiler
+from cityseg.step import StepStats, train_step
+from cityseg.tracking import DataWait, RunConsole, Speedometer, append_jsonl, drop_records_after
 from cityseg.wandb_run import WandbRun
 
 
@@ -52,6 +54,9 @@ class Run:
     state: dict = field(default_factory=dict)
     latest: Path | None = None  # the newest checkpoint of this run: its weights become model.safetensors
     last_saved_step: int | None = None
+    ema: object = None  # cityseg.ema.WeightEMA when train.ema_decay is set: validated and exported instead
+    lr_scale: float = 1.0  # linear scaling rule when the world size differs from train.reference_world_size
+    loop: dict | None = None  # train_epoch's parts kept across epochs: device counters, stop vote, throughput
 
 
 def resume_point(cfg, output_dir: Path, accelerator, say) -> Path | None:
@@ -83,12 +88,15 @@ def prepare_model(cfg, accelerator, num_classes: int) -> torch.nn.Module:
     model = build_model(cfg.model, num_classes)
     if cfg.model.sync_bn:
         if accelerator.device.type == "cuda" and accelerator.num_processes > 1:
-            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+            model = convert_sync_batchnorm(model)  # timm's: keeps BatchNormAct2d's activation
         elif accelerator.is_main_process:
             print("warning: model.sync_bn needs more than one CUDA device; training with plain BatchNorm",
                   file=sys.stderr)
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    if accelerator.device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # training shapes are fixed: autotune each convolution once
+        torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls on tensor cores, as cuDNN's convolutions
     return model
 
 
@@ -108,13 +116,15 @@ def setup(cfg) -> Run:
     optimizer = build_optimizer(model, cfg.optim)
     loader = train_loader(cfg, train_set, accelerator.process_index)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    ema = attach_ema(accelerator, accelerator.unwrap_model(model), cfg.train.ema_decay)  # before any load_state
     if cfg.train.compile:
         model = torch.compile(model)
     val_loader = eval_loader(cfg, val_set, accelerator.process_index, world)
 
     # optimizer steps; len(loader) is per rank and accelerate also steps on an epoch's last, shorter window
     steps_per_epoch = math.ceil(len(loader) / cfg.train.grad_accum)
-    total_steps = cfg.train.epochs * steps_per_epoch
+    # train.epochs null: iteration-based, train.max_steps alone is the schedule (epochs follow from the data)
+    total_steps = cfg.train.max_steps if cfg.train.epochs is None else cfg.train.epochs * steps_per_epoch
     if cfg.train.max_steps is not None:
         total_steps = min(total_steps, cfg.train.max_steps)
     console = RunConsole(accelerator.is_main_process, total_steps, cfg.train.log_every)
@@ -123,8 +133,14 @@ def setup(cfg) -> Run:
                   f"{cfg.train.mixed_precision}; global batch = {cfg.data.batch_size} per process x {world} "
                   f"processes x {cfg.train.grad_accum} accumulation = {global_batch}"
                   f"; {len(train_set)} train / {len(val_set)} val images; {total_steps} steps")
-    run = Run(cfg, accelerator, model, optimizer, loader, val_loader, train_set, build_loss(cfg.loss.name), names,
-              output_dir, total_steps, console)
+    loss_fn = build_loss(cfg.loss, len(names)).to(accelerator.device)
+    run = Run(cfg, accelerator, model, optimizer, loader, val_loader, train_set, loss_fn, names, output_dir,
+              total_steps, console, ema=ema, lr_scale=scaled_lr_factor(world, cfg.train.reference_world_size))
+    if run.lr_scale != 1.0:
+        console.print(f"warning: the recipe's optim.lr {cfg.optim.lr:g} is for train.reference_world_size="
+                      f"{cfg.train.reference_world_size} processes; with {world} the global batch is {global_batch}, "
+                      f"so the LR is scaled linearly to {cfg.optim.lr * run.lr_scale:g} (set "
+                      f"train.reference_world_size={world} to use optim.lr as it is)")
     restore(run, steps_per_epoch)
     run.wandb_run = WandbRun(cfg, accelerator, output_dir, resumed=run.latest is not None, val_set=val_set,
                              say=console.print)
@@ -167,72 +183,118 @@ def train(cfg) -> int:
     stop.install(cfg.train.preempt_signals)  # first: a signal during setup must not kill the process
     run = setup(cfg)
     run.console.start(run.state["step"])
-    while run.state["step"] < run.total_steps and run.state["epochs_done"] < cfg.train.epochs:
+    while run.state["step"] < run.total_steps and (cfg.train.epochs is None
+                                                   or run.state["epochs_done"] < cfg.train.epochs):
         code = train_epoch(run, stop)
         if code is not None:
             return code
         epoch_done = run.state["batch_in_epoch"] >= len(run.loader)
         if epoch_done:
             run.state["epochs_done"], run.state["batch_in_epoch"] = run.state["epochs_done"] + 1, 0
-        evaluated = ((epoch_done and run.state["epochs_done"] % cfg.train.eval_every_epochs == 0)
+        by_epoch = not cfg.train.eval_every_steps  # else train_epoch evaluates every train.eval_every_steps
+        evaluated = ((by_epoch and epoch_done and run.state["epochs_done"] % cfg.train.eval_every_epochs == 0)
                      or run.state["step"] >= run.total_steps)
         if evaluated:
             validate(run)
-        if run.last_saved_step != run.state["step"] or evaluated:  # also a resumed step whose epoch ended now
+        # iteration-based runs with checkpoint.every_steps save on that cadence only, not at every epoch's end
+        epoch_save = cfg.train.epochs is not None or not cfg.checkpoint.every_steps
+        if (epoch_save and run.last_saved_step != run.state["step"]) or evaluated:  # also a resumed step's epoch end
             save(run, best_candidate=True)
     return finish(run)
 
 
 def train_epoch(run: Run, stop: StopFlag) -> int | None:
-    """Steps until the epoch (or the schedule) ends; returns an exit code when a stop was agreed and saved."""
+    """Steps until the epoch (or the schedule) ends; returns an exit code when a stop was agreed and saved.
+    The steady-state step reads nothing back from the device: losses and NaN skips are counted there and read
+    every train.log_every steps, before a save and at the epoch's end; the stop flag is agreed on the host."""
     cfg, accelerator, state = run.cfg, run.accelerator, run.state
     world, epoch = accelerator.num_processes, state["epochs_done"]  # 0-based: the data order's seed
     run.loader.set_epoch(epoch)
     run.train_set.set_epoch(epoch)
     # the epoch's order is the same for any run shape: a resumed epoch skips the samples trained before the stop
     epoch_sampler(run.loader).start_at(epoch, checkpoint.samples_in_epoch(state))  # batch_in_epoch is 0 here
-    batches = run.loader
+    loop = loop_parts(run)
     run.model.train()
-    tick, images_seen, data_wait = time.perf_counter(), 0, DataWait()
-    window_loss, window_batches = 0.0, 0  # the logged loss: mean over ranks and the accumulation window
-    for images, masks, indices in data_wait.timed(batches):
-        if cfg.data.cache.dir and cfg.data.cache.device_augment:  # the loader sent uint8 samples
-            images, masks = augment_batch(images, masks, indices, cfg.data, cfg.seed, epoch)
+    for images, masks, extra in loop["data_wait"].timed(run.loader):
+        if cfg.data.cache.dir and cfg.data.cache.device_augment:  # uint8 samples + their augmentation (theta)
+            images, masks = augment_with_theta(images, masks, extra, cfg.data)
         if cfg.train.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        nonfinite, stop_count, loss_sum = train_step(
-            accelerator, run.model, run.optimizer, run.loss_fn, images, masks,
-            lr_at(state["step"], run.total_steps, cfg.optim), cfg.optim.grad_clip, stop.received is not None)
-        if nonfinite:
-            if cfg.train.on_nan == "error":
-                raise TrainingError(f"loss is NaN/Inf at step {state['step']} (epoch {epoch + 1}); stopped "
-                                    "before any non-finite weights were saved (train.on_nan=skip skips such steps)")
-            state["nan_skipped"] += 1
-        else:
-            window_loss, window_batches = window_loss + loss_sum, window_batches + 1
+        loop["profiler"].before_step(state["step"])
+        train_step(accelerator, run.model, run.optimizer, run.loss_fn, images, masks,
+                   lr_at(state["step"], run.total_steps, cfg.optim) * run.lr_scale, cfg.optim.grad_clip,
+                   loop["stats"], state["step"])
         state["batch_in_epoch"] += 1
-        images_seen += images.shape[0] * world
+        loop["speed"].add(images.shape[0], accelerator.sync_gradients)
         if not accelerator.sync_gradients:
             continue
+        loop["profiler"].after_step(state["step"])
         state["step"], state["epoch"] = state["step"] + 1, epoch + 1  # records count epochs from 1
-        elapsed = time.perf_counter() - tick
-        log_step(run, {"step": state["step"], "epoch": state["epoch"],
-                       "loss": window_loss / (world * window_batches) if window_batches else math.nan,
-                       "lr": run.optimizer.param_groups[0]["lr"], "images_per_s": images_seen / max(elapsed, 1e-9),
-                       "data_wait": data_wait.seconds / max(elapsed, 1e-9)})  # fraction of this rank's time
-        window_loss, window_batches = 0.0, 0
-        if state["step"] >= run.total_steps:
-            break  # the last step: finish normally (evaluate, save) even if a stop was asked for
-        if stop_count:
-            return preempt(run, stop)
+        if run.ema is not None:
+            run.ema.update(state["step"])
+        last = state["step"] >= run.total_steps
+        stop_agreed = loop["vote"].any(stop.received is not None)  # every rank gets the same answer
         ends_epoch = state["batch_in_epoch"] >= len(run.loader)  # the epoch-end save (after validation) follows
-        if cfg.checkpoint.every_steps and state["step"] % cfg.checkpoint.every_steps == 0 and not ends_epoch:
+        evaluate_now = bool(cfg.train.eval_every_steps) and state["step"] % cfg.train.eval_every_steps == 0
+        save_now = (bool(cfg.checkpoint.every_steps) and state["step"] % cfg.checkpoint.every_steps == 0
+                    and not ends_epoch)
+        if state["step"] % cfg.train.log_every == 0 or last or stop_agreed or evaluate_now or save_now:
+            read_step_stats(run, epoch)  # raises for a NaN under train.on_nan=error: before anything is saved
+        log_step(run, {"step": state["step"], "epoch": state["epoch"], "lr": run.optimizer.param_groups[0]["lr"],
+                       **loop["latest"]})
+        if last:
+            break  # the last step: finish normally (evaluate, save) even if a stop was asked for
+        if stop_agreed:
+            return preempt(run, stop)
+        if evaluate_now:
+            validate(run)
+            save(run, best_candidate=True)
+            run.model.train()
+        elif save_now:
             save(run, best_candidate=False)
+    read_step_stats(run, epoch)
+    run.console.print(loop["speed"].epoch_verdict(epoch + 1))
     return None
+
+
+def loop_parts(run: Run) -> dict:
+    """Made on the first epoch, kept for the run: device counters, the stop vote, throughput, the profiler."""
+    if run.loop is None:
+        cfg, accelerator = run.cfg, run.accelerator
+        peak, peak_name = peak_flops(accelerator.device, cfg.train.mixed_precision)
+        flops = train_flops_per_image(unwrap_for_eval(accelerator, run.model), cfg.data.crop_size or
+                                      cfg.data.image_size) if peak else None
+        if flops:
+            run.console.print(f"MFU: {flops / 1e9:.1f} GFLOP per training image (forward + backward) against "
+                              f"{peak_name}")
+        run.loop = {"stats": StepStats(accelerator.device), "data_wait": DataWait(),
+                    "vote": StopVote(accelerator, cfg.dist.timeout_minutes),
+                    "speed": Speedometer(accelerator.device, accelerator.num_processes, flops, peak),
+                    "profiler": StepProfiler(cfg.train.profile_steps, run.output_dir, accelerator.process_index,
+                                             accelerator.device),
+                    "latest": {"loss": math.nan, "images_per_s": 0.0, "data_wait": 0.0}}
+    return run.loop
+
+
+def read_step_stats(run: Run, epoch: int) -> None:
+    """Read the device counters (one device->host copy) into run.loop["latest"], the next records' numbers."""
+    loop, state = run.loop, run.state
+    stats = loop["stats"].take()
+    if stats["first_nan_step"] is not None and run.cfg.train.on_nan == "error":
+        raise TrainingError(f"loss is NaN/Inf at step {stats['first_nan_step']} (epoch {epoch + 1}); stopped "
+                            "before any non-finite weights were saved (train.on_nan=skip skips such steps)")
+    state["nan_skipped"] += stats["nan_skipped"]
+    state["scaler_skipped"] = state.get("scaler_skipped", 0) + stats["scaler_skipped"]
+    speed = loop["speed"].read(loop["data_wait"].seconds)
+    loop["latest"] = {"loss": stats["loss"], **speed, "grad_norm": stats["grad_norm"],
+                      "nan_skipped": state["nan_skipped"], "scaler_skipped": state["scaler_skipped"]}
+    run.console.note_speed(speed)
 
 
 def log_step(run: Run, record: dict) -> None:
     step = record["step"]
+    if run.accelerator.is_main_process:
+        mark_step(step)  # $CITYSEG_STEP_FILE: slurm/train.sh and the cluster tests watch the progress
     if run.accelerator.is_main_process and (step % run.cfg.train.log_every == 0 or step == run.total_steps):
         append_jsonl(run.output_dir / "train_log.jsonl", record)
         run.wandb_run.log_step(record)
@@ -242,7 +304,7 @@ def log_step(run: Run, record: dict) -> None:
 def validate(run: Run) -> None:
     """mIoU of the model as it will be saved: BatchNorm statistics averaged first, one all-reduced confusion."""
     accelerator, state = run.accelerator, run.state
-    bare = accelerator.unwrap_model(run.model)
+    bare = run.ema.module if run.ema is not None else unwrap_for_eval(accelerator, run.model)  # never rewires compile
     average_batchnorm_stats(bare, accelerator)  # ranks validate the saved model
     metrics = summarize(confusion_over(bare, run.val_loader, accelerator, len(run.names)), run.names)
     record = {"epoch": state["epoch"], "epochs_done": state["epochs_done"], "step": state["step"], **metrics}
