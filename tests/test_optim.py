@@ -7,7 +7,7 @@ import torch
 
 from cityseg.config import OptimConfig, load_config
 from cityseg.model import build_model
-from cityseg.optim import build_optimizer, lr_at, scaled_lr_factor, set_lr
+from cityseg.optim import build_optimizer, scaled_lr_factor, set_lr
 from tests.conftest import PYTHON, read_jsonl, run, tiny_overrides
 
 

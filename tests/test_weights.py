@@ -82,8 +82,9 @@ def test_training_offline_loads_the_cached_weights(synth_root, tmp_path):
     loaded = run([PYTHON, "-c", probe], env=offline_env(cache), timeout=300)
     assert loaded.returncode == 0, loaded.stderr[-2000:]
     assert json.loads(loaded.stdout.splitlines()[-1]) == pytest.approx(state["conv_stem.weight"].flatten()[:8].tolist())
-    result = run([PYTHON, "train.py", "--config", DEMO, *tiny_overrides(synth_root, tmp_path / "run", train__max_steps=1),
-                  "model.encoder_weights=imagenet"], env=offline_env(cache))
+    overrides = tiny_overrides(synth_root, tmp_path / "run", train__max_steps=1)
+    result = run([PYTHON, "train.py", "--config", DEMO, *overrides, "model.encoder_weights=imagenet"],
+                 env=offline_env(cache))
     assert result.returncode == 0, result.stderr[-3000:]
     missing = run([PYTHON, "train.py", "--config", DEMO, *tiny_overrides(synth_root, tmp_path / "run2"),
                    "model.encoder_weights=imagenet"], env=offline_env(tmp_path / "empty"))

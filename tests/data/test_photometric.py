@@ -4,7 +4,6 @@ import types
 
 import cv2
 import numpy as np
-import pytest
 import torch
 
 from cityseg.data.device_augment import augment_batch

@@ -74,8 +74,8 @@ def test_multi_scale_evaluate_matches_the_official_evaluator(synth_root, trained
 
 
 def test_aug_test_flag_sets_mmsegs_scales_and_flip(synth_root, trained_run, tmp_path):
-    result = cityseg("evaluate", "--config", trained_run / "config.yaml", "--checkpoint", trained_run / "model.safetensors",
-                     f"data.root={synth_root}", "data.num_workers=0", "--aug-test", "--json", tmp_path / "aug.json")
+    result = cityseg("evaluate", "--config", trained_run / "config.yaml", "--checkpoint",
+                     trained_run / "model.safetensors", f"data.root={synth_root}", "data.num_workers=0", "--aug-test", "--json", tmp_path / "aug.json")
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((tmp_path / "aug.json").read_text())
     assert metrics["scales"] == [0.5, 0.75, 1.0, 1.25, 1.5, 1.75] and metrics["flip"] is True

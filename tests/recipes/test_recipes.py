@@ -1,13 +1,10 @@
 """Every recipe in configs/ trains 2 steps on tiny synthetic data on CPU (random init) and states its anchor."""
-from pathlib import Path
-
 import pytest
 import yaml
 
 from cityseg.config import load_config
 from cityseg.optim import lr_at
-
-from tests.conftest import REPO, PYTHON, read_jsonl, run, tiny_overrides
+from tests.conftest import PYTHON, REPO, read_jsonl, run, tiny_overrides
 
 RECIPES = sorted(p.name for p in (REPO / "configs").glob("*.yaml") if p.name not in ("demo.yaml",))
 
