@@ -1,6 +1,7 @@
 """`cityseg evaluate`: saved weights on a split, at the training size or the labels' full resolution, sharded."""
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -60,8 +61,8 @@ def full_resolution_pass(model, loader, dataset, accelerator, cfg, with_instance
 def evaluate(cfg, weights: str | Path, split: str | None = None, aug_test: bool = False) -> dict:
     """Metrics of saved weights on a split per eval.* (mode, sliding, flip, scales); every rank returns the same
     dict. aug_test: multi-scale + flip as mmsegmentation's aug test (eval.scales = AUG_TEST_SCALES, eval.flip)."""
-    if aug_test:
-        cfg.eval.scales, cfg.eval.flip = list(AUG_TEST_SCALES), True
+    if aug_test:  # a copy: the caller's config is left as it was
+        cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, scales=list(AUG_TEST_SCALES), flip=True))
     accelerator = make_accelerator(cfg)
     scheme, full = cfg.data.label_scheme, cfg.eval.mode == "full"
     names = class_names(scheme)
