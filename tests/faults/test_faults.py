@@ -89,7 +89,7 @@ def test_nan_loss_stops_before_nonfinite_weights_are_saved(synth_root, tmp_path)
     result = run([PYTHON, "train.py", "--config", "configs/demo.yaml",
                   *tiny_overrides(synth_root, out, optim__lr="1e30", checkpoint__every_steps=1)])
     assert result.returncode == 1
-    assert result.stderr.strip() == ("error: loss is NaN/Inf at step 1 (epoch 0); stopped before any non-finite "
+    assert result.stderr.strip() == ("error: loss is NaN/Inf at step 1 (epoch 1); stopped before any non-finite "
                                      "weights were saved (train.on_nan=skip skips such steps)"), result.stderr
     assert not (out / "model.safetensors").exists()
     saved = checkpoint.complete_checkpoints(out)
