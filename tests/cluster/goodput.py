@@ -36,7 +36,10 @@ class Progress:
 
     def poll(self) -> None:
         step = self.current()
-        if step is not None and (not self.seen or self.seen[-1][1] != step):
+        if step is None:  # train.sh removed it: an attempt ended (restart or requeue); None marks the gap
+            if self.seen and self.seen[-1][1] is not None:
+                self.seen.append((time.monotonic(), None))
+        elif not self.seen or self.seen[-1][1] != step:
             self.seen.append((time.monotonic(), step))
 
 
@@ -65,7 +68,7 @@ def measure(cluster: Cluster, data: Path, work: Path, faults: int, every: float,
         now = time.monotonic()
         if len(events) < faults and now >= next_fault and progress.seen:
             kind = FAULTS[len(events) % len(FAULTS)]
-            events.append({"kind": kind, "at": now, "step": progress.seen[-1][1]})
+            events.append({"kind": kind, "at": now, "step": progress.current()})
             inject(cluster, kind, job)
             next_fault = now + every
         done = cluster.job(job)["JobState"] in {"COMPLETED", "FAILED", "CANCELLED", "NODE_FAIL", "TIMEOUT"}
@@ -76,14 +79,16 @@ def measure(cluster: Cluster, data: Path, work: Path, faults: int, every: float,
     info = cluster.job(job)
     if info["JobState"] != "COMPLETED":
         raise RuntimeError(f"job {job} {info['JobState']}:\n{job_log(work, job)[-3000:]}")
-    # a step's time = the gap to the step before it within one attempt (no fault in between)
-    gaps = [b[0] - a[0] for a, b in zip(progress.seen, progress.seen[1:]) if b[1] == a[1] + 1]
-    step_s = statistics.median(gaps)
-    for event in events:
-        later = [t for t, s in progress.seen if t > event["at"] + 1]
-        resumed = next((t for t, s in progress.seen if t > event["at"] + 2 and s <= event["step"] + 1), None)
-        first_new = resumed if resumed is not None else (later[0] if later else None)
+    # a step's time in steady training: steps over seconds between observations of one attempt that ran on
+    # (the step number grew by a few); windows with a fault, restart, evaluation or save left out by the median
+    rates = [(b[1] - a[1]) / (b[0] - a[0]) for a, b in zip(progress.seen, progress.seen[1:])
+             if a[1] is not None and b[1] is not None and 0 < b[1] - a[1] <= 10 and b[0] > a[0]]
+    step_s = 1.0 / statistics.median(rates)
+    for event in events:  # first step of the next attempt: after the step file was gone, it appears again
+        gap = next((t for t, s in progress.seen if t >= event["at"] and s is None), None)
+        first_new = next((t for t, s in progress.seen if gap is not None and t > gap and s is not None), None)
         event["to_first_new_step_s"] = round(first_new - event["at"], 1) if first_new else None
+        event["first_new_step"] = next((s for t, s in progress.seen if t == first_new), None)
         event.pop("at")
     return {"job": job, "max_steps": max_steps, "wall_s": round(wall, 1), "median_step_s": round(step_s, 3),
             "goodput": round(max_steps * step_s / wall, 3), "faults": events, "restarts": info["Restarts"],
@@ -101,6 +106,7 @@ def main() -> None:
     from cityseg.data.synthetic import write_synthetic
 
     work = Path(tempfile.mkdtemp(prefix="cityseg-goodput-"))
+    work.chmod(0o755)  # munged (user munge) must reach its socket below
     write_synthetic(work / "data", n_train=32, n_val=4, height=32, width=64, seed=0)
     cluster = Cluster(work / "cluster", prefix=f"gp{os.getpid() % 100000}")
     cluster.script("up", str(len(HOSTS)), str(cluster.root))
