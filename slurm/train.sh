@@ -82,7 +82,7 @@ hosts=$(scontrol show hostnames "$SLURM_JOB_NODELIST")
 export MASTER_ADDR=${hosts%%$'\n'*}   # rank 0 runs on the first node of the allocation
 export LOCAL_WORLD_SIZE=$procs_per_node
 max_restarts=${CITYSEG_MAX_RESTARTS:-2}
-step_end_limit=${CITYSEG_STEP_END_LIMIT_S:-30}  # after a task failed, how long srun may wait for the others
+step_end_limit=${CITYSEG_STEP_END_LIMIT_S:-15}  # after a task failed, how long srun may wait for the others
 if ! [[ $max_restarts =~ ^[0-9]+$ ]]; then
     echo "cityseg: CITYSEG_MAX_RESTARTS=$max_restarts: expected a whole number (0 = never restart)" >&2
     exit 2

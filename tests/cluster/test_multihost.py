@@ -98,3 +98,21 @@ def test_eval_script_reproduces_the_runs_validation_miou(cluster, cluster_data, 
     logged = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
     assert logged["step"] == 12
     assert abs(json.loads(report.read_text())["mIoU"] - logged["mIoU"]) < 1e-6, (report.read_text(), logged)
+
+
+def test_importing_cityseg_keeps_albumentations_off_the_network(netcluster):
+    """albumentations asks PyPI for its version at import unless NO_ALBUMENTATIONS_UPDATE is set; `import cityseg`
+    sets it. Run with the variable unset, on the controller host (no route out), and any attempt is blocked by an
+    audit hook before a socket is made."""
+    code = ("import sys\n"
+            "def hook(event, args):\n"
+            "    if event.startswith(('urllib.Request', 'socket.getaddrinfo', 'socket.connect')):\n"
+            "        print('NETWORK', event, flush=True)\n"
+            "        raise RuntimeError('blocked by the test')\n"
+            "sys.addaudithook(hook)\n"
+            "import cityseg.data.transforms\n"
+            "print('imported')\n")
+    env = {k: v for k, v in os.environ.items() if k != "NO_ALBUMENTATIONS_UPDATE"}
+    result = subprocess.run(["nsenter", f"--net=/run/netns/{netcluster.host('ctl')}", sys.executable, "-c", code],
+                            capture_output=True, text=True, timeout=120, cwd=REPO, env=env)
+    assert "imported" in result.stdout and "NETWORK" not in result.stdout, result.stdout + result.stderr
