@@ -1,5 +1,4 @@
-"""`bash bench/gpu_proof.sh`: the GPU path measured in one go — step speed and MFU per precision, syncs per step,
-data wait per loader, full-resolution evaluation, a short run whose mIoU rises; one JSON and a table."""
+"""`bash bench/gpu_proof.sh`: step speed, MFU, syncs, data wait and full-size evaluation on one GPU; JSON + table."""
 from __future__ import annotations
 
 import argparse
@@ -9,11 +8,12 @@ import statistics
 import subprocess
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import torch
 import yaml
+
+from cityseg.gpu_measure import eval_child, loop_child, step_child
 
 REPO = Path(__file__).resolve().parents[1]
 FULL = {"source": [1024, 2048], "train": 160, "val": 32, "size": [256, 512], "batch": 32, "workers": 8,
@@ -54,170 +54,6 @@ def child(args: list[str], work: Path, timeout: float) -> subprocess.CompletedPr
         raise RuntimeError(f"gpu_proof: {' '.join(args[:6])} exited {result.returncode}: "
                            f"{result.stderr.strip().splitlines()[-1] if result.stderr.strip() else ''}")
     return result
-
-
-# ---- in a child: the training step of one precision variant, on device-resident synthetic batches
-
-def count_syncs(step, repeats: int) -> int | None:
-    """Synchronizing CUDA calls made by `repeats` calls of step, under torch.cuda.set_sync_debug_mode("warn")."""
-    if not torch.cuda.is_available():
-        return None
-    torch.cuda.synchronize()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            for _ in range(repeats):
-                step()
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-    # "called a synchronizing CUDA operation": one per sync (not the mode's own "prototype feature" notice)
-    messages = [str(w.message) for w in caught if "synchronizing CUDA operation" in str(w.message)]
-    for message in messages[:3]:
-        print(f"sync: {message.splitlines()[0]}", file=sys.stderr)
-    return -(-len(messages) // repeats)  # rounded up: one sync in any of the steps counts
-
-
-def step_child(cfg_path: str, variant: str, steps: int, warmup: int) -> dict:
-    from cityseg.config import load_config
-    from cityseg.flops import peak_flops, train_flops_per_image
-    from cityseg.labels import num_classes
-    from cityseg.losses import build_loss
-    from cityseg.model import build_model
-    from cityseg.optim import build_optimizer
-    from cityseg.runtime import make_accelerator
-    from cityseg.step import StepStats, train_step
-
-    precision, channels_last, compiled = STEP_VARIANTS[variant]
-    cfg = load_config(cfg_path, [f"train.mixed_precision='{precision}'"])  # quoted: YAML reads no as false
-    accelerator = make_accelerator(cfg)
-    device, classes = accelerator.device, num_classes(cfg.data.label_scheme)
-    torch.backends.cudnn.benchmark = True
-    torch.manual_seed(0)
-    model = build_model(cfg.model, classes)
-    flops = train_flops_per_image(model, cfg.data.image_size)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    model, optimizer = accelerator.prepare(model, build_optimizer(model, cfg.optim))
-    if compiled:
-        model = torch.compile(model)
-    loss_fn, stats = build_loss(cfg.loss, classes).to(device), StepStats(device)
-    height, width = cfg.data.image_size
-    images = torch.randn(cfg.data.batch_size, 3, height, width, device=device)
-    images = images.contiguous(memory_format=torch.channels_last) if channels_last else images
-    masks = torch.randint(0, classes, (cfg.data.batch_size, height, width), device=device)
-    model.train()
-
-    def step():
-        train_step(accelerator, model, optimizer, loss_fn, images, masks, cfg.optim.lr, None, stats, 0)
-
-    started = time.perf_counter()
-    for _ in range(warmup):
-        step()
-    stats.take()  # waits for the warm-up (compilation, cuDNN autotuning)
-    warmup_s = time.perf_counter() - started
-    syncs = count_syncs(step, repeats=3)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-        torch.cuda.synchronize()
-    started = time.perf_counter()
-    for _ in range(steps):
-        step()
-    loss = stats.take()["loss"]  # the only host read: after the timed steps
-    seconds = (time.perf_counter() - started) / steps
-    peak, peak_name = peak_flops(device, precision)
-    images_per_s = cfg.data.batch_size / seconds
-    return {"variant": variant, "step_s": seconds, "images_per_s": images_per_s, "warmup_s": warmup_s,
-            "mfu": flops * images_per_s / peak if peak else None, "peak": peak_name, "gflop_per_image": flops / 1e9,
-            "syncs_per_step": syncs, "loss": loss, "batch": cfg.data.batch_size, "device": device_name(device),
-            **memory(device)}
-
-
-def loop_child(cfg_path: str, steps: int) -> dict:
-    """Syncs per steady-state step of the engine's loop body: the cached loader (pinned, non_blocking, theta drawn
-    in the workers), device augmentation, channels_last, train_step and the stop vote."""
-    from cityseg.config import load_config
-    from cityseg.data.device_augment import augment_with_theta
-    from cityseg.data.loaders import train_dataset, train_loader
-    from cityseg.labels import num_classes
-    from cityseg.losses import build_loss
-    from cityseg.model import build_model
-    from cityseg.optim import build_optimizer
-    from cityseg.preemption import StopVote
-    from cityseg.runtime import make_accelerator
-    from cityseg.step import StepStats, train_step
-
-    cfg = load_config(cfg_path, ["data.cache.device_augment=true"])
-    accelerator = make_accelerator(cfg)
-    torch.backends.cudnn.benchmark = True
-    classes = num_classes(cfg.data.label_scheme)
-    dataset = train_dataset(cfg)
-    model = build_model(cfg.model, classes).to(memory_format=torch.channels_last)
-    model, optimizer, loader = accelerator.prepare(model, build_optimizer(model, cfg.optim),
-                                                   train_loader(cfg, dataset, 0))
-    loss_fn, stats, vote = build_loss(cfg.loss, classes).to(accelerator.device), StepStats(accelerator.device), \
-        StopVote(accelerator, 1.0)
-    batches = iter(loader)
-    model.train()
-
-    def step():
-        images, masks, theta = next(batches)
-        images, masks = augment_with_theta(images, masks, theta, cfg.data)
-        images = images.contiguous(memory_format=torch.channels_last)
-        train_step(accelerator, model, optimizer, loss_fn, images, masks, cfg.optim.lr, None, stats, 0)
-        vote.any(False)
-
-    for _ in range(2):
-        step()
-    stats.take()
-    return {"syncs_per_step": count_syncs(step, repeats=steps), "steps": steps}
-
-
-def device_name(device: torch.device) -> str:
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-
-
-def memory(device: torch.device) -> dict:
-    if device.type != "cuda":
-        return {}
-    return {"peak_allocated_gb": torch.cuda.max_memory_allocated() / 2**30,
-            "peak_reserved_gb": torch.cuda.max_memory_reserved() / 2**30}
-
-
-# ---- in a child: full-resolution evaluation (sliding window + flip) of the trained run's weights
-
-def eval_child(cfg_path: str, weights: str, images: int) -> dict:
-    from cityseg.checkpoint import load_weights
-    from cityseg.config import load_config
-    from cityseg.data.loaders import eval_dataset
-    from cityseg.inference import segment_logits
-    from cityseg.labels import num_classes
-    from cityseg.model import build_model
-    from cityseg.runtime import make_accelerator
-
-    cfg = load_config(cfg_path, ["eval.mode=full", "eval.sliding=true", "eval.flip=true",
-                                 "train.mixed_precision=bf16" if torch.cuda.is_available() else "train.mixed_precision='no'"])
-    accelerator = make_accelerator(cfg)
-    model = build_model(cfg.model, num_classes(cfg.data.label_scheme))
-    load_weights(model, Path(weights))
-    model = model.to(accelerator.device).eval()
-    dataset = eval_dataset(cfg, full_resolution=True)
-    batch = [dataset[i][0] for i in range(min(images, len(dataset)))]
-    height, width = batch[0].shape[-2:]
-    net_size = [height, width]  # full resolution: the network sees the source size through the sliding window
-    crop = [min(cfg.eval.crop_size[0], height), min(cfg.eval.crop_size[1], width)]
-    cfg.eval.crop_size, cfg.eval.stride = crop, [max(1, c * 2 // 3) for c in crop]
-    with torch.no_grad(), accelerator.autocast():
-        segment_logits(model, batch[0][None].to(accelerator.device), net_size, cfg.eval)  # warm-up
-        if accelerator.device.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-        started = time.perf_counter()
-        for image in batch:
-            segment_logits(model, image[None].to(accelerator.device), net_size, cfg.eval).argmax(1).cpu()
-    seconds = time.perf_counter() - started
-    return {"images": len(batch), "size": [height, width], "window": crop, "flip": True,
-            "images_per_s": len(batch) / seconds, **memory(accelerator.device)}
 
 
 # ---- the driver: data, cache, children, report

@@ -1,5 +1,4 @@
-"""Logits of a batch the way evaluation and prediction need them: resized input, sliding window, flip averaging,
-multi-scale (mmsegmentation's aug test)."""
+"""Logits of a batch as evaluation and prediction need them: resize, sliding window, flip, multi-scale."""
 from __future__ import annotations
 
 import torch

@@ -1,5 +1,4 @@
-"""Training losses: dice (the seed's), cross-entropy, dice+ce, OHEM cross-entropy, class-weighted cross-entropy —
-all ignoring label 255."""
+"""Training losses, all ignoring label 255: dice (the seed's), ce, dice+ce, OHEM ce, class-weighted ce."""
 from __future__ import annotations
 
 import torch

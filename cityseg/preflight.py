@@ -136,22 +136,7 @@ def run_checks(cfg, deep: bool = False, world_size: int | None = None, cuda: boo
         return True, detail, None
     _guard(checks, "processes", launch)
 
-    lut = label_lut(cfg.data.label_scheme)
-    for split in (cfg.data.train_split, cfg.data.val_split):
-        def layout(split=split):
-            pairs = find_pairs(cfg.data.root, split)
-            if not deep:
-                return True, f"{len(pairs)} image/label pairs in {cfg.data.root}", pairs
-            count, errors = deep_scan(pairs, lut, workers=os.cpu_count() or 1)
-            if errors:
-                return False, f"{len(errors)} of {count} pairs unreadable; first: {errors[0]}", pairs
-            return True, f"{count} pairs decoded: sizes match, label ids known", pairs
-        pairs = _guard(checks, f"data {split}", layout)
-        if split == cfg.data.train_split and pairs is not None:
-            def share(pairs=pairs):
-                check_batch_share(cfg.data.batch_size, len(pairs), world)
-                return True, f"{cfg.data.batch_size} per process <= {len(pairs) // world} samples per process", None
-            _guard(checks, "batch size", share)
+    _data_checks(checks, cfg, deep, world)
 
     def pretrained():  # before the model: building it offline without them fails with a less direct message
         from cityseg.weights import describe
@@ -185,6 +170,26 @@ def run_checks(cfg, deep: bool = False, world_size: int | None = None, cuda: boo
     seen = [f"{name}={os.environ[name]}" for name in DIST_ENV if name in os.environ]
     checks.append((True, "environment", " ".join(seen) if seen else "no launcher or SLURM variables set"))
     return checks
+
+
+def _data_checks(checks: list[Check], cfg, deep: bool, world: int) -> None:
+    """Both splits' layout (decoded when deep) and the batch share of each process."""
+    lut = label_lut(cfg.data.label_scheme)
+    for split in (cfg.data.train_split, cfg.data.val_split):
+        def layout(split=split):
+            pairs = find_pairs(cfg.data.root, split)
+            if not deep:
+                return True, f"{len(pairs)} image/label pairs in {cfg.data.root}", pairs
+            count, errors = deep_scan(pairs, lut, workers=os.cpu_count() or 1)
+            if errors:
+                return False, f"{len(errors)} of {count} pairs unreadable; first: {errors[0]}", pairs
+            return True, f"{count} pairs decoded: sizes match, label ids known", pairs
+        pairs = _guard(checks, f"data {split}", layout)
+        if split == cfg.data.train_split and pairs is not None:
+            def share(pairs=pairs):
+                check_batch_share(cfg.data.batch_size, len(pairs), world)
+                return True, f"{cfg.data.batch_size} per process <= {len(pairs) // world} samples per process", None
+            _guard(checks, "batch size", share)
 
 
 def resume_plan(cfg) -> tuple[bool, str, None]:

@@ -1,5 +1,4 @@
-"""One training step that never waits on the host: forward, loss, backward, and an update skipped on the device
-when the loss or the gradients are not finite (what engine runs and `cityseg bench` / the GPU proof time)."""
+"""One training step that never waits on the host: forward, backward, and an update skipped on device if not finite."""
 from __future__ import annotations
 
 import torch

@@ -1,5 +1,4 @@
-"""Pretrained encoder weights on clusters without internet: which Hugging Face files an encoder needs, whether they
-are in the local cache, and `cityseg weights fetch` to put them there from a machine that can reach the hub."""
+"""Pretrained encoder weights for offline clusters: the Hugging Face files needed, cache check, `weights fetch`."""
 from __future__ import annotations
 
 import os

@@ -13,8 +13,8 @@ from cityseg.data.cityscapes import find_pairs
 from cityseg.preflight import run_checks
 from tests.conftest import tiny_overrides
 
-LABELS = ["config", "processes", "data train", "batch size", "data val", "model", "output_dir", "resume", "W&B",
-          "environment"]
+LABELS = ["config", "processes", "data train", "batch size", "data val", "pretrained weights", "model", "output_dir",
+          "resume", "W&B", "environment"]
 
 
 @pytest.fixture(autouse=True)
@@ -38,6 +38,7 @@ def test_a_good_setup_passes_every_check(synth_root, tmp_path, capsys, monkeypat
     assert lines["data train"] == f"✓ data train: 16 image/label pairs in {synth_root}"
     assert lines["processes"] == "✓ processes: 1 process(es); CPU (gloo between processes); mixed precision no"
     assert "GiB free, checkpoints need about" in lines["output_dir"]
+    assert lines["pretrained weights"] == "✓ pretrained weights: none needed (model.encoder_weights is null or a local file)"
     assert lines["resume"] == "✓ resume: no checkpoint in output_dir: starting fresh"
     assert lines["W&B"] == "✓ W&B: offline (auto: no API key; `wandb sync` later)"
     assert "SLURM_JOB_ID=4242" in lines["environment"]

@@ -1,5 +1,4 @@
-"""Photometric distortion as mmsegmentation's PhotoMetricDistortion: brightness, contrast, saturation, hue — on a
-uint8 image with OpenCV for the CPU transform (step for step as mmseg), in float torch for a batch on the device."""
+"""Photometric distortion as mmsegmentation's: OpenCV uint8 steps on the CPU, the same in float torch on the device."""
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -111,6 +111,18 @@ def _make_label_map(rng: np.random.Generator, h: int, w: int, image_index: int):
         roi_mask[h - corner:, x0:x0 + corner] = True
         _draw(label, instance, polygons, "out of roi", box, roi_mask, counts)
 
+    _draw_objects(rng, (label, instance, polygons, counts), (xx, yy), building_bottom.mean(), hood_top,
+                  image_index)
+    return label, instance, polygons
+
+
+def _draw_objects(rng: np.random.Generator, canvas: tuple, grid: tuple, ground_top: float, hood_top: float,
+                  image_index: int) -> None:
+    """Objects on the street: random extras, then this image's guaranteed classes (canvas: label, instance,
+    polygons, counts)."""
+    label, instance, polygons, counts = canvas
+    xx, yy = grid
+    h, w = xx.shape
     # Random extras first, then the guaranteed classes largest-first so small objects are never fully hidden.
     extras = list(rng.choice(list(OBJECTS), size=rng.integers(3, 8)))
     start = image_index * GUARANTEED_PER_IMAGE
@@ -122,7 +134,7 @@ def _make_label_map(rng: np.random.Generator, h: int, w: int, image_index: int):
         ow = max(2.0, oh * rng.uniform(*aspect_range))
         cx = rng.uniform(0, w)
         if placement == "ground":
-            cy = rng.uniform(building_bottom.mean(), hood_top) - oh / 2
+            cy = rng.uniform(ground_top, hood_top) - oh / 2
         else:
             cy = rng.uniform(0.1, 0.45) * h
         sampled.append((name, shape, cx, cy, ow, oh))
@@ -138,7 +150,6 @@ def _make_label_map(rng: np.random.Generator, h: int, w: int, image_index: int):
             mask = (xx >= x0) & (xx < x1) & (yy >= y0) & (yy < y1)
             polygon = np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1]], float)
         _draw(label, instance, polygons, name, polygon, mask, counts)
-    return label, instance, polygons
 
 
 def _smooth_noise(rng: np.random.Generator, h: int, w: int, cell: int) -> np.ndarray:

@@ -1,5 +1,4 @@
-"""Albumentations pipelines: train (resize, optional scale + crop, flip, photometric, normalize) and deterministic
-eval."""
+"""Albumentations pipelines: train (resize, scale + crop, flip, photometric, normalize) and deterministic eval."""
 from __future__ import annotations
 
 import albumentations as A
