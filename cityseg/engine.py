@@ -16,16 +16,16 @@ from cityseg.data.device_augment import augment_with_theta
 from cityseg.data.loaders import eval_dataset, eval_loader, train_dataset, train_loader
 from cityseg.data.sampler import epoch_sampler
 from cityseg.ema import attach_ema
+from cityseg.flops import peak_flops, train_flops_per_image
 from cityseg.labels import class_names
 from cityseg.losses import build_loss
 from cityseg.metrics import confusion_over, summarize
 from cityseg.model import average_batchnorm_stats, build_model, convert_sync_batchnorm, unwrap_for_eval
 from cityseg.optim import build_optimizer, lr_at, scaled_lr_factor
-from cityseg.flops import peak_flops, train_flops_per_image
 from cityseg.preemption import EXIT_INTERRUPTED, EXIT_REQUEUE, StopFlag, StopVote, mark_step, write_requeue_marker
 from cityseg.preflight import check_batch_share, check_output_dir
-from cityseg.runtime import make_accelerator
 from cityseg.profiling import StepProfiler
+from cityseg.runtime import make_accelerator
 from cityseg.step import StepStats, train_step
 from cityseg.tracking import DataWait, RunConsole, Speedometer, append_jsonl, drop_records_after
 from cityseg.wandb_run import WandbRun
