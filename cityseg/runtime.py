@@ -1,4 +1,4 @@
-"""The Accelerator built from the config: precision, accumulation, seedable sampler, process-group timeout."""
+"""The Accelerator built from the config: precision, accumulation, non-blocking copies, process-group timeout."""
 from __future__ import annotations
 
 import os
@@ -19,7 +19,8 @@ def make_accelerator(cfg) -> Accelerator:
     accelerator = Accelerator(
         mixed_precision=cfg.train.mixed_precision,
         gradient_accumulation_steps=cfg.train.grad_accum,
-        # shuffle of epoch e = permutation seeded by (seed + e): the same on every rank, for any world size, replayable
+        # the training order is cityseg.data.sampler.EpochSampler's (resumable at any sample, any world size);
+        # the seedable sampler keeps any other shuffled loader replayable too
         # non_blocking: pinned batches reach the GPU without the host waiting (the loader time is then host time)
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed, non_blocking=True),
         kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(minutes=cfg.dist.timeout_minutes))],
