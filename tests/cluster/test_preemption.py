@@ -17,8 +17,10 @@ def requeued(cluster, job: str) -> bool:
 def test_sigterm_to_the_whole_job_checkpoints_requeues_and_resumes_exactly(cluster, cluster_data, reference_run,
                                                                            tmp_path):
     out = tmp_path / "run"
-    job = cluster.sbatch(tmp_path, ["--nodes=2", "--ntasks-per-node=1"], "slurm/train.sh", tiny(cluster_data, out))
-    cluster.wait_step(tmp_path, job, 3)
+    env = cluster.job_env(tmp_path, PYTHONPATH=f"{SLOW_SAVE}:{REPO}", CITYSEG_TEST_HOLD_AT_STEP="3")
+    job = cluster.sbatch(tmp_path, ["--nodes=2", "--ntasks-per-node=1"], "slurm/train.sh", tiny(cluster_data, out),
+                         env=env)
+    cluster.wait_step(tmp_path, job, 3)  # the run holds there until the signal arrives (tests/cluster/slow_save)
     cluster.client("scancel", "--signal=TERM", "--full", job)
     cluster.wait_until(lambda: requeued(cluster, job), "requeue", job, tmp_path, 120)
     info = cluster.wait_job(job, tmp_path)
@@ -38,7 +40,8 @@ def test_preemption_grace_time_longer_than_30_s_is_honoured(cluster, cluster_dat
     every process of the job. Our checkpoint starts 35 s late (a slow filesystem): a launcher agent would have
     killed the ranks after 30 s; the resumed run must start from the checkpoint of the stop."""
     out = tmp_path / "run"
-    env = cluster.job_env(tmp_path, PYTHONPATH=f"{SLOW_SAVE}:{REPO}", CITYSEG_TEST_SLOW_STOP_SAVE_S="35")
+    env = cluster.job_env(tmp_path, PYTHONPATH=f"{SLOW_SAVE}:{REPO}", CITYSEG_TEST_SLOW_STOP_SAVE_S="35",
+                          CITYSEG_TEST_HOLD_AT_STEP="3")
     job = cluster.sbatch(tmp_path, ["--nodes=2", "--ntasks-per-node=1"], "slurm/train.sh", tiny(cluster_data, out),
                          env=env)
     cluster.wait_step(tmp_path, job, 3)
