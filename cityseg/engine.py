@@ -208,7 +208,7 @@ def train_epoch(run: Run, stop: StopFlag) -> int | None:
     The steady-state step reads nothing back from the device: losses and NaN skips are counted there and read
     every train.log_every steps, before a save and at the epoch's end; the stop flag is agreed on the host."""
     cfg, accelerator, state = run.cfg, run.accelerator, run.state
-    world, epoch = accelerator.num_processes, state["epochs_done"]  # 0-based: the data order's seed
+    epoch = state["epochs_done"]  # 0-based: the data order's seed
     run.loader.set_epoch(epoch)
     run.train_set.set_epoch(epoch)
     # the epoch's order is the same for any run shape: a resumed epoch skips the samples trained before the stop

@@ -8,6 +8,11 @@ from pathlib import Path
 
 import torch
 
+STEP_VARIANTS = {  # name: (mixed precision, channels_last, compile)
+    "fp32": ("no", False, False), "bf16": ("bf16", False, False), "bf16_channels_last": ("bf16", True, False),
+    "bf16_channels_last_compile": ("bf16", True, True), "fp16_grad_scaler": ("fp16", False, False),
+}
+
 
 # ---- in a child: the training step of one precision variant, on device-resident synthetic batches
 

@@ -13,17 +13,13 @@ from pathlib import Path
 import torch
 import yaml
 
-from cityseg.gpu_measure import eval_child, loop_child, step_child
+from cityseg.gpu_measure import STEP_VARIANTS, eval_child, loop_child, step_child
 
 REPO = Path(__file__).resolve().parents[1]
 FULL = {"source": [1024, 2048], "train": 160, "val": 32, "size": [256, 512], "batch": 32, "workers": 8,
         "steps": 30, "warmup": 3, "run_epochs": 6, "loader_epochs": 2, "eval_images": 8}
 QUICK = {"source": [64, 128], "train": 16, "val": 4, "size": [32, 64], "batch": 4, "workers": 2,
          "steps": 2, "warmup": 1, "run_epochs": 2, "loader_epochs": 1, "eval_images": 2}
-STEP_VARIANTS = {  # name: (mixed precision, channels_last, compile)
-    "fp32": ("no", False, False), "bf16": ("bf16", False, False), "bf16_channels_last": ("bf16", True, False),
-    "bf16_channels_last_compile": ("bf16", True, True), "fp16_grad_scaler": ("fp16", False, False),
-}
 
 
 def proof_config(work: Path, sizes: dict, **overrides) -> dict:

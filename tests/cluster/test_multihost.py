@@ -7,7 +7,6 @@ import re
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 from tests.cluster.conftest import REPO, job_log, tiny
 from tests.cluster.helpers import final_step

@@ -14,7 +14,7 @@ import torch
 from cityseg.evaluate import instance_path, read_instance_ids
 from cityseg.labels import EVAL_CLASSES, colorize, label_lut, to_label_ids_lut
 from cityseg.metrics import benchmark_scores, new_confusion, new_instance_stats, update_confusion, update_instance_stats
-from tests.conftest import PYTHON, cityseg, launch_cmd, run, tiny_overrides
+from tests.conftest import cityseg, launch_cmd, run
 
 NET_SIZE = "data.image_size=[32,64]"  # the network sees half the 64x128 labels' resolution: full != resized
 EVAL_IDS = {c.id for c in EVAL_CLASSES}

@@ -6,6 +6,7 @@ import hashlib
 import math
 import re
 import socket
+import subprocess
 from pathlib import Path
 
 import numpy as np
