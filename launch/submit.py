@@ -186,12 +186,13 @@ def main(argv: list[str] | None = None) -> int:
 def submit_sweep(args, config: str, cfg, job_name: str, world_size: int, gpu: bool) -> int:
     """Validate and preflight every combination, write the sweep file, submit one job array."""
     runs = sweep_runs(cfg, parse_sweeps(args.sweep))
-    for index, one in enumerate(runs):
+    for index, one in enumerate(runs):  # every combination's config first: a typo in any value costs no preflight
         try:
             load_config(REPO / config, [*args.overrides, *one["overrides"]])
         except ConfigError as err:
             print(f"error: sweep task {index}: {err}", file=sys.stderr)
             return 2
+    for one in runs:
         preflight(config, [*args.overrides, *one["overrides"]], world_size=world_size, gpu=gpu)
     log_dir = Path(args.log_dir).resolve() if args.log_dir else REPO / LOG_DIR
     args.sweep_file = log_dir / f"{job_name}-sweep-{time.strftime('%Y%m%d-%H%M%S')}.tsv"

@@ -60,8 +60,31 @@ def tiny_overrides(root: Path, output_dir: Path, **extra) -> list[str]:
     return [f"{k}={v}" for k, v in values.items()]
 
 
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """accelerate keeps one process-wide state: a test that made an Accelerator in this process (evaluate, export,
+    check) must not fix the precision or device of the next one, whatever order the tests run in."""
+    yield
+    if "accelerate.state" in sys.modules:
+        from accelerate.state import AcceleratorState, GradientState
+
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+
+
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def rank_reports(stdout: str) -> list[dict]:
+    """The {"rank": ...} objects that processes sharing one stdout printed: two ranks' lines may interleave
+    (one rank's newline after the other's object), so objects are decoded where they start, not per line."""
+    decoder, found, start = json.JSONDecoder(), [], stdout.find('{"rank"')
+    while start != -1:
+        report, end = decoder.raw_decode(stdout, start)
+        found.append(report)
+        start = stdout.find('{"rank"', end)
+    return found
 
 
 @pytest.fixture(scope="session")

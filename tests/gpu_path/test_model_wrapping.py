@@ -1,14 +1,12 @@
 """Defects only a CUDA run showed, tested on CPU: sync-BN keeps timm's fused activations; evaluation's unwrap of a
 compiled DDP model leaves DDP (and its no_sync) in the training model."""
-import json
-
 import pytest
 import torch
 from timm.layers import BatchNormAct2d
 
 from cityseg.config import ModelConfig
 from cityseg.model import build_model, convert_sync_batchnorm
-from tests.conftest import launch_cmd, run
+from tests.conftest import launch_cmd, rank_reports, run
 
 
 def test_sync_batchnorm_conversion_keeps_the_network():
@@ -36,7 +34,7 @@ def test_sync_batchnorm_conversion_keeps_the_network():
 def test_ddp_sync_survives_evaluation_unwrap_of_compiled_model():
     result = run(launch_cmd(2, "tests/gpu_path/ddp_compile_probe.py"), timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    ranks = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    ranks = rank_reports(result.stdout)
     assert len(ranks) == 2, result.stdout
     for rank in ranks:
         assert rank["ddp_kept"] == "DistributedDataParallel", rank

@@ -15,12 +15,12 @@ from cityseg.data.synthetic import write_synthetic
 from cityseg.data.transforms import train_transform
 from cityseg.flops import gpu_model, peak_flops
 from cityseg.labels import label_lut
-from tests.conftest import PYTHON, launch_cmd, read_jsonl, run, tiny_overrides
+from tests.conftest import PYTHON, launch_cmd, rank_reports, read_jsonl, run, tiny_overrides
 
 
 def probe_ranks(result) -> list[dict]:
     assert result.returncode == 0, result.stderr[-3000:]
-    return [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    return rank_reports(result.stdout)
 
 
 def test_nan_batch_skips_the_update_exactly_on_one_process():
