@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -92,10 +93,15 @@ def test_training_offline_loads_the_cached_weights(synth_root, tmp_path):
 
 
 def test_fetch_fails_with_one_line_when_the_hub_cannot_be_reached(tmp_path):
-    env = child_env(HF_HUB_CACHE=str(tmp_path / "hub"), HF_HUB_ETAG_TIMEOUT="3", HF_HUB_DOWNLOAD_TIMEOUT="3")
-    env.pop("HF_HUB_OFFLINE")
-    args = ["weights", "fetch", "--config", "configs/segformer_b0_1024x1024_160k.yaml"]
-    result = cityseg(*args, env=env, timeout=300)
+    # the "hub" is a local port held bound but never listening: refused at once, nothing leaves this machine
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        endpoint = f"http://127.0.0.1:{closed.getsockname()[1]}"
+        env = child_env(HF_HUB_CACHE=str(tmp_path / "hub"), HF_ENDPOINT=endpoint, HF_HUB_ETAG_TIMEOUT="3",
+                        HF_HUB_DOWNLOAD_TIMEOUT="3")
+        env.pop("HF_HUB_OFFLINE")
+        args = ["weights", "fetch", "--config", "configs/segformer_b0_1024x1024_160k.yaml"]
+        result = cityseg(*args, env=env, timeout=300)
     assert result.returncode == 1
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: cannot fetch smp-hub/mit_b0.imagenet/"), result.stderr

@@ -71,13 +71,17 @@ def test_multi_gpu_launch_without_gpus_is_stopped(synth_root, tmp_path):
     """`--multi_gpu` on a machine without GPUs and without ACCELERATE_USE_CPU=1: each process would train alone."""
     env = child_env()
     env.pop("ACCELERATE_USE_CPU")
-    result = run(launch_cmd(2, "train.py", *CONFIG, *tiny_overrides(synth_root, tmp_path / "run")), env=env)
+    env["CUDA_VISIBLE_DEVICES"] = ""  # a GPU-less node, also where the tests run on one
+    result = run(launch_cmd(2, "train.py", *CONFIG, *tiny_overrides(synth_root, tmp_path / "run")), env=env,
+                 timeout=300)
     assert result.returncode != 0
     message = ("error: the launcher started 2 processes but accelerate found no GPU, so each would train alone on "
                "all the data: set ACCELERATE_USE_CPU=1 to train on CPU processes over gloo")
     assert message in result.stderr.splitlines(), result.stderr[-3000:]  # rank 0's line; rank 1's is prefixed
+    assert result.stderr.strip().splitlines()[-1] == message  # after torch's failure report, not buried in it
+    assert "exitcode  : 2" in result.stderr  # the process's own code (2: a config problem) in the report above
     assert "cityseg/engine.py" not in result.stderr  # no traceback of ours (the launcher prints its own summary)
-    assert not (tmp_path / "run" / "train_log.jsonl").exists()
+    assert not (tmp_path / "run" / "config.yaml").exists() and not (tmp_path / "run" / "train_log.jsonl").exists()
 
 
 @pytest.mark.slow
