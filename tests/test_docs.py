@@ -251,13 +251,13 @@ def quick_start_commands() -> list[str]:
 
 
 def run_for_real(command: str, cwd: Path, env: dict) -> subprocess.CompletedProcess:
-    """Run one README command in a shell, as a user would type it; a short train run if it is `cityseg train`."""
+    """Run one README command as a user would type it (split as the shell does, no shell in between); a short
+    train run if it is `cityseg train`."""
     argv = shlex.split(command)
     if argv[:2] == ["cityseg", "train"]:
-        command += " train.max_steps=2"  # the quick start's full run takes minutes; two steps prove it starts
+        argv.append("train.max_steps=2")  # the quick start's full run takes minutes; two steps prove it starts
     try:
-        return subprocess.run(command, shell=True, cwd=cwd, env=env, capture_output=True, text=True,
-                              timeout=COMMAND_TIMEOUT_S)
+        return subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=COMMAND_TIMEOUT_S)
     except subprocess.TimeoutExpired:
         pytest.fail(f"README quick start: `{command}` did not finish within {COMMAND_TIMEOUT_S} s")
 
