@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from segmentation_models_pytorch.losses import DiceLoss
 
 from cityseg.config import ConfigError, LossConfig
 from cityseg.labels import IGNORE_INDEX
@@ -13,11 +12,53 @@ CITYSCAPES_CLASS_WEIGHTS = [0.8373, 0.918, 0.866, 1.0345, 1.0166, 0.9969, 0.9754
                             0.9843, 1.1116, 0.9037, 1.0865, 1.0955, 1.0865, 1.1529, 1.0507]
 
 
+class DiceLoss(torch.nn.Module):
+    """smp's multiclass DiceLoss (the seed's) without its one-hot targets: 1 - the mean over classes of the soft Dice
+    score over the batch's labelled pixels, 0 for a class absent from the batch. smp builds int64 one-hot targets
+    [N, C, H, W] and four fp32 tensors of that size; here each pixel's true-class probability is gathered and summed
+    per class, and only the probabilities and their masked copy are full-size (with train.compile, fused)."""
+
+    def __init__(self, smooth: float = 0.0, eps: float = 1e-7, log_loss: bool = False):
+        super().__init__()
+        self.smooth, self.eps, self.log_loss = smooth, eps, log_loss
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        batch, classes, height, width = logits.shape
+        probs = torch.softmax(logits, dim=1, dtype=torch.float32)  # fp32 whatever the logits' precision
+        valid = target != IGNORE_INDEX
+        labels = torch.where(valid, target, 0).long()
+        weight = valid.unsqueeze(1).float()  # [N, 1, H, W]: ignored pixels count nowhere
+        predicted = (probs * weight).sum((0, 2, 3))  # per class: sum of p_c over the labelled pixels
+        true_prob = probs.gather(1, labels.unsqueeze(1)) * weight  # [N, 1, H, W]: p of each pixel's own class
+        # per class sums by index_add into one bin per (image row, class): a bin gets at most W fp32 adds (exact
+        # counts, no long sequential sums), and the atomic adds spread over N*H*C addresses instead of C
+        rows = torch.arange(batch * height, device=logits.device).view(batch, 1, height, 1)
+        bins = (rows * classes + labels.unsqueeze(1)).flatten()
+        empty = torch.zeros(batch * height * classes, device=logits.device)
+        intersection = empty.index_add(0, bins, true_prob.flatten()).view(-1, classes).sum(0)
+        count = empty.index_add(0, bins, weight.flatten()).view(-1, classes).sum(0)  # labelled pixels per class
+        # smp's Tversky form with alpha = beta = 1/2: I + (P - I)/2 + (T - I)/2 = (P + T)/2
+        score = (intersection + self.smooth) / ((predicted + count) / 2 + self.smooth).clamp_min(self.eps)
+        loss = -torch.log(score.clamp_min(self.eps)) if self.log_loss else 1.0 - score
+        return (loss * (count > 0)).mean()  # a class absent from the batch: Dice is undefined, counts 0
+
+
+class CrossEntropy(torch.nn.Module):
+    """Cross-entropy over the labelled pixels in fp32 whatever the logits' precision; class-weighted if given."""
+
+    def __init__(self, weight: torch.Tensor | None = None):
+        super().__init__()
+        self.register_buffer("weight", weight)
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits.float(), target.long(), weight=self.weight, ignore_index=IGNORE_INDEX)
+
+
 class DiceCELoss(torch.nn.Module):
     def __init__(self):
         super().__init__()
-        self.dice = DiceLoss(mode="multiclass", ignore_index=IGNORE_INDEX)
-        self.ce = torch.nn.CrossEntropyLoss(ignore_index=IGNORE_INDEX)
+        self.dice = DiceLoss()
+        self.ce = CrossEntropy()
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return self.dice(logits, target) + self.ce(logits, target)
@@ -33,7 +74,8 @@ class OhemCELoss(torch.nn.Module):
         self.thresh, self.min_kept = thresh, min_kept
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        pixel_loss = F.cross_entropy(logits, target, ignore_index=IGNORE_INDEX, reduction="none").flatten()
+        target = target.long()
+        pixel_loss = F.cross_entropy(logits.float(), target, ignore_index=IGNORE_INDEX, reduction="none").flatten()
         valid = target.flatten() != IGNORE_INDEX
         if not valid.any():
             return pixel_loss.sum() * 0.0  # keeps the graph: every rank still runs backward
@@ -53,9 +95,9 @@ def build_loss(loss_cfg, num_classes: int = 19) -> torch.nn.Module:
         loss_cfg = LossConfig(name=loss_cfg)
     name = loss_cfg.name
     if name == "dice":
-        return DiceLoss(mode="multiclass", ignore_index=IGNORE_INDEX)
+        return DiceLoss()
     if name == "ce":
-        return torch.nn.CrossEntropyLoss(ignore_index=IGNORE_INDEX)
+        return CrossEntropy()
     if name == "dice+ce":
         return DiceCELoss()
     if name == "ohem_ce":
@@ -69,5 +111,5 @@ def build_loss(loss_cfg, num_classes: int = 19) -> torch.nn.Module:
             weights = CITYSCAPES_CLASS_WEIGHTS
         if len(weights) != num_classes:
             raise ConfigError(f"loss.class_weights: {len(weights)} weights for {num_classes} classes")
-        return torch.nn.CrossEntropyLoss(weight=torch.tensor(weights, dtype=torch.float32), ignore_index=IGNORE_INDEX)
+        return CrossEntropy(torch.tensor(weights, dtype=torch.float32))
     raise ValueError(f"loss.name: unknown loss {name!r}; expected dice, ce, dice+ce, ohem_ce or weighted_ce")

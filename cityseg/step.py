@@ -113,8 +113,7 @@ def train_step(accelerator, model, optimizer, loss_fn, images, masks, lr: float,
     the update, skipped on every rank (they agree through one device all-reduce) when a loss was not finite."""
     with accelerator.accumulate(model):
         with accelerator.autocast():
-            logits = model(images)
-            loss = loss_fn(logits.float(), masks.long())
+            loss = loss_fn(model(images), masks)  # the loss casts what it needs (fp32 softmax, long labels)
         stats.add_micro_batch(loss.detach())
         accelerator.backward(loss)
         if accelerator.sync_gradients:
