@@ -122,7 +122,7 @@ def train_step(accelerator, model, optimizer, loss_fn, images, masks, lr: float,
             if accelerator.scaler is not None:  # fp16: overflow is the scaler's business, not a NaN step
                 scaler_skip, nan_skip = scaler_found_inf(accelerator, optimizer) & ~loss_nonfinite, loss_nonfinite
             else:
-                scaler_skip = torch.zeros((), dtype=torch.bool, device=accelerator.device)
+                scaler_skip = torch.zeros_like(loss_nonfinite)  # on the loss's device, as every counter
                 nan_skip = loss_nonfinite | ~torch.isfinite(grad_norm)
             set_lr(optimizer, lr)
             masked_update(accelerator, optimizer, nan_skip)
