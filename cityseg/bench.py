@@ -176,7 +176,7 @@ def _step_child(cfg_tree, precision, threads, batch, steps, repeats, rank, world
 
     def bare_step():
         logits = bare_model(images)
-        loss = loss_fn(logits.float(), masks.long())
+        loss = loss_fn(logits, masks)
         loss.backward()
         bare_optimizer.step()
         bare_optimizer.zero_grad(set_to_none=True)

@@ -134,6 +134,8 @@ def setup(cfg) -> Run:
                   f"processes x {cfg.train.grad_accum} accumulation = {global_batch}"
                   f"; {len(train_set)} train / {len(val_set)} val images; {total_steps} steps")
     loss_fn = build_loss(cfg.loss, len(names)).to(accelerator.device)
+    if cfg.train.compile:  # the loss is a third of the step's memory traffic: fused in its own compiled graph
+        loss_fn = torch.compile(loss_fn)
     run = Run(cfg, accelerator, model, optimizer, loader, val_loader, train_set, loss_fn, names, output_dir,
               total_steps, console, ema=ema, lr_scale=scaled_lr_factor(world, cfg.train.reference_world_size))
     if run.lr_scale != 1.0:

@@ -60,6 +60,8 @@ def step_child(cfg_path: str, variant: str, steps: int, warmup: int) -> dict:
     if compiled:
         model = torch.compile(model)
     loss_fn, stats = build_loss(cfg.loss, classes).to(device), StepStats(device)
+    if compiled:  # as engine.setup does with train.compile
+        loss_fn = torch.compile(loss_fn)
     height, width = cfg.data.image_size
     images = torch.randn(cfg.data.batch_size, 3, height, width, device=device)
     images = images.contiguous(memory_format=torch.channels_last) if channels_last else images

@@ -1,16 +1,21 @@
 """The step never reads the device on the host, checked on CPU: train_step and its parts run on fake tensors
 (shapes, dtypes and devices, no data), where .item() / bool() / .tolist() raise; and a spy counts the host reads of
 real training steps between two log reads."""
+import sys
+
 import pytest
 import torch
 from torch._subclasses.fake_tensor import DataDependentOutputException, FakeTensor, FakeTensorMode
 
+from cityseg import engine
+from cityseg.cli import main as cityseg_main
 from cityseg.config import Config
 from cityseg.losses import build_loss
 from cityseg.model import build_model
 from cityseg.optim import build_optimizer
 from cityseg.runtime import make_accelerator
 from cityseg.step import StepStats, gradient_norm, masked_update, train_step
+from tests.conftest import tiny_overrides
 
 
 def fake_training(device: str, loss_name: str = "dice"):
@@ -78,3 +83,46 @@ def test_a_host_read_on_a_fake_tensor_raises():
         for read in (loss.item, loss.tolist, lambda: bool(torch.isfinite(loss)), lambda: float(loss)):
             with pytest.raises(DataDependentOutputException):
                 read()
+
+
+HOST_READS = ("item", "tolist", "__bool__", "__float__", "__int__", "cpu")
+
+
+def test_spy_steady_state_loop_steps_make_no_host_read(synth_root, tmp_path, monkeypatch):
+    """A real training run in this process (2 epochs of 4 steps, no log window inside an epoch) with every
+    Tensor host read counted: between two steps that no counter read, no evaluation and no save separate, the
+    loop body (next batch, step, speed, stop vote, step record) reads nothing. Where it does, the test names the
+    line."""
+    events = []  # ("step",) at each train_step, ("read",) at each counter read, ("host", name, where) per read
+
+    def spy(name, original):
+        def counted(self, *args, **kwargs):
+            caller = sys._getframe(1)
+            events.append(("host", name, f"{caller.f_code.co_filename}:{caller.f_lineno}"))
+            return original(self, *args, **kwargs)
+        return counted
+
+    def marking(kind, original):
+        def marked(*args, **kwargs):
+            events.append((kind,))
+            return original(*args, **kwargs)
+        return marked
+
+    for name in HOST_READS:
+        monkeypatch.setattr(torch.Tensor, name, spy(name, getattr(torch.Tensor, name)))
+    monkeypatch.setattr(engine, "train_step", marking("step", engine.train_step))
+    for boundary in ("read_step_stats", "validate", "save"):  # each reads on purpose
+        monkeypatch.setattr(engine, boundary, marking("read", getattr(engine, boundary)))
+    out = tmp_path / "run"
+    code = cityseg_main(["train", "--config", "configs/demo.yaml",
+                         *tiny_overrides(synth_root, out, train__epochs=2, train__log_every=100,
+                                         data__num_workers=1)])
+    monkeypatch.undo()
+    assert code == 0
+    steps = [i for i, event in enumerate(events) if event == ("step",)]
+    assert len(steps) == 8, len(steps)
+    steady = [events[start + 1:end] for start, end in zip(steps, steps[1:]) if ("read",) not in events[start:end]]
+    assert len(steady) == 6, len(steady)  # 4 steps an epoch; the epoch end and the run end read
+    reads = [event[1:] for window in steady for event in window if event[0] == "host"]
+    assert reads == [], reads
+    assert any(event[0] == "host" for event in events)  # the spy sees the reads the log windows make
