@@ -41,18 +41,27 @@ def assert_updated_on(device: str, model, optimizer, stats) -> None:
     assert isinstance(stats.totals, FakeTensor) and stats.totals.device.type == device
 
 
-@pytest.mark.parametrize("grad_accum,grad_clip", [(1, None), (2, 1.0)])
-def test_train_step_on_fake_tensors_reads_nothing_back(grad_accum, grad_clip):
-    """The whole train_step through a real (CPU) Accelerator: forward, loss, counters, backward, the gradient norm,
-    the masked fused update. A host read of any of them raises DataDependentOutputException here."""
+@pytest.mark.parametrize("precision,grad_accum,grad_clip", [("no", 1, None), ("bf16", 2, 1.0)])
+def test_train_step_on_fake_tensors_reads_nothing_back(precision, grad_accum, grad_clip):
+    """The whole train_step through a real (CPU) Accelerator: forward (bf16 autocast: bf16 logits reach the loss),
+    loss, counters, backward, the gradient norm, the masked fused update. A host read of any of them raises
+    DataDependentOutputException here."""
     cfg = Config()
-    cfg.train.grad_accum = grad_accum
+    cfg.train.mixed_precision, cfg.train.grad_accum = precision, grad_accum
     accelerator = make_accelerator(cfg)
     mode, model, optimizer, stats, loss_fn, images, masks = fake_training("cpu")
+    seen = []
+
+    def recorded_loss(logits, target):  # the real loss; records what the step hands it
+        seen.append((logits.dtype, target.dtype))
+        return loss_fn(logits, target)
+
     with mode:
         for step in range(2 * grad_accum):
-            train_step(accelerator, model, optimizer, loss_fn, images, masks, 1e-3, grad_clip, stats, step)
+            train_step(accelerator, model, optimizer, recorded_loss, images, masks, 1e-3, grad_clip, stats, step)
     assert_updated_on("cpu", model, optimizer, stats)
+    logits_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    assert seen == [(logits_dtype, torch.uint8)] * (2 * grad_accum)  # no fp32 / int64 copies made by the step
 
 
 def test_step_parts_on_fake_cuda_tensors_read_nothing_back():
