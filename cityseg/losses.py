@@ -74,19 +74,18 @@ class OhemCELoss(torch.nn.Module):
         self.thresh, self.min_kept = thresh, min_kept
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        target = target.long()
-        pixel_loss = F.cross_entropy(logits.float(), target, ignore_index=IGNORE_INDEX, reduction="none").flatten()
+        pixel_loss = F.cross_entropy(logits.float(), target.long(), ignore_index=IGNORE_INDEX,
+                                     reduction="none").flatten()
         valid = target.flatten() != IGNORE_INDEX
-        if not valid.any():
-            return pixel_loss.sum() * 0.0  # keeps the graph: every rank still runs backward
-        with torch.no_grad():
-            true_prob = torch.exp(-pixel_loss[valid])  # p(true class) = exp(-CE)
-            threshold = torch.tensor(self.thresh, device=logits.device)
-            if true_prob.numel() > self.min_kept:
+        with torch.no_grad():  # masks, not boolean indexing: the pixels are chosen on the device, no host read
+            true_prob = torch.where(valid, torch.exp(-pixel_loss), torch.inf)  # p(true class) = exp(-CE)
+            threshold = torch.full((), self.thresh, device=logits.device)
+            if true_prob.numel() > self.min_kept:  # ignored pixels sort last: the min_kept-th labelled one
                 kth = torch.kthvalue(true_prob, self.min_kept).values
-                threshold = torch.maximum(threshold, kth)
-            kept = true_prob <= threshold
-        return pixel_loss[valid][kept].mean()
+                threshold = torch.where(valid.sum() > self.min_kept, torch.maximum(threshold, kth), threshold)
+            kept = valid & (true_prob <= threshold)
+        # none kept (nothing labelled, or nothing hard): 0 with a graph, every rank still runs backward
+        return (pixel_loss * kept).sum() / kept.sum().clamp_min(1)
 
 
 def build_loss(loss_cfg, num_classes: int = 19) -> torch.nn.Module:

@@ -35,6 +35,18 @@ def test_ohem_keeps_at_least_min_kept_hardest():
     assert loss.item() == pytest.approx(pixel.sort(descending=True).values[:count].mean().item(), rel=1e-6)
 
 
+def test_ohem_with_fewer_labelled_pixels_than_min_kept_keeps_the_threshold():
+    logits, target = batch()  # 128 pixels, 112 labelled
+    pixel = F.cross_entropy(logits, target, ignore_index=255, reduction="none")[target != 255]
+    hard = pixel[torch.exp(-pixel) <= 0.05]
+    assert 0 < hard.numel() < 112
+    loss = OhemCELoss(thresh=0.05, min_kept=120)(logits, target)  # min_kept between labelled and all pixels
+    assert loss.item() == pytest.approx(hard.mean().item(), rel=1e-6)
+    easy = OhemCELoss(thresh=1e-9, min_kept=120)(logits.requires_grad_(), target)
+    easy.backward()  # nothing that hard: 0, and a graph (every rank runs backward)
+    assert easy.item() == 0.0 and torch.equal(logits.grad, torch.zeros_like(logits))
+
+
 def test_ohem_with_every_pixel_ignored_is_zero_with_a_graph():
     logits = torch.randn(1, 19, 4, 4, requires_grad=True)
     loss = OhemCELoss()(logits, torch.full((1, 4, 4), 255))

@@ -41,15 +41,17 @@ def assert_updated_on(device: str, model, optimizer, stats) -> None:
     assert isinstance(stats.totals, FakeTensor) and stats.totals.device.type == device
 
 
-@pytest.mark.parametrize("precision,grad_accum,grad_clip", [("no", 1, None), ("bf16", 2, 1.0)])
-def test_train_step_on_fake_tensors_reads_nothing_back(precision, grad_accum, grad_clip):
+@pytest.mark.parametrize("precision,grad_accum,grad_clip,loss_name", [("no", 1, None, "dice"),
+                                                                   ("bf16", 2, 1.0, "dice"),
+                                                                   ("bf16", 1, None, "ohem_ce")])
+def test_train_step_on_fake_tensors_reads_nothing_back(precision, grad_accum, grad_clip, loss_name):
     """The whole train_step through a real (CPU) Accelerator: forward (bf16 autocast: bf16 logits reach the loss),
     loss, counters, backward, the gradient norm, the masked fused update. A host read of any of them raises
     DataDependentOutputException here."""
     cfg = Config()
     cfg.train.mixed_precision, cfg.train.grad_accum = precision, grad_accum
     accelerator = make_accelerator(cfg)
-    mode, model, optimizer, stats, loss_fn, images, masks = fake_training("cpu")
+    mode, model, optimizer, stats, loss_fn, images, masks = fake_training("cpu", loss_name)
     seen = []
 
     def recorded_loss(logits, target):  # the real loss; records what the step hands it
