@@ -134,7 +134,7 @@ def setup(cfg) -> Run:
                   f"processes x {cfg.train.grad_accum} accumulation = {global_batch}"
                   f"; {len(train_set)} train / {len(val_set)} val images; {total_steps} steps")
     loss_fn = build_loss(cfg.loss, len(names)).to(accelerator.device)
-    if cfg.train.compile:  # the loss is a third of the step's memory traffic: fused in its own compiled graph
+    if cfg.train.compile:  # the loss too: its softmax, per-class sums and their backward fuse in its own graph
         loss_fn = torch.compile(loss_fn)
     run = Run(cfg, accelerator, model, optimizer, loader, val_loader, train_set, loss_fn, names, output_dir,
               total_steps, console, ema=ema, lr_scale=scaled_lr_factor(world, cfg.train.reference_world_size))

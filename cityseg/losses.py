@@ -14,9 +14,10 @@ CITYSCAPES_CLASS_WEIGHTS = [0.8373, 0.918, 0.866, 1.0345, 1.0166, 0.9969, 0.9754
 
 class DiceLoss(torch.nn.Module):
     """smp's multiclass DiceLoss (the seed's) without its one-hot targets: 1 - the mean over classes of the soft Dice
-    score over the batch's labelled pixels, 0 for a class absent from the batch. smp builds int64 one-hot targets
-    [N, C, H, W] and four fp32 tensors of that size; here each pixel's true-class probability is gathered and summed
-    per class, and only the probabilities and their masked copy are full-size (with train.compile, fused)."""
+    score over the batch's labelled pixels, 0 for a class absent from the batch. smp's forward makes eight tensors
+    of the logits' size, three of them int64 (its one-hot targets); here each pixel's true-class probability is
+    gathered and summed per class: only the fp32 probabilities and their masked copy are that size (with
+    train.compile, fused away)."""
 
     def __init__(self, smooth: float = 0.0, eps: float = 1e-7, log_loss: bool = False):
         super().__init__()
