@@ -138,6 +138,8 @@ def diagnose_child(cfg_path: str, profile_steps: int, batches: list[int], repeat
     sweep = {}
     for batch in batches:
         built = build_step(cfg, batch, channels_last)
+        if built["device"].type == "cuda":
+            torch.cuda.reset_peak_memory_stats()  # each batch's own peak
         for _ in range(warmup):
             built["step"]()
         built["stats"].take()

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -85,6 +86,7 @@ def write_config(work: Path, name: str, tree: dict) -> Path:
 def train_run(work: Path, name: str, tree: dict, timeout: float) -> dict:
     """`python train.py` with this config; its data wait, images/s and mIoU per evaluation, as the user sees them."""
     tree["output_dir"] = str(work / "runs" / name)
+    shutil.rmtree(tree["output_dir"], ignore_errors=True)  # a rerun in the same --work: not a resume of the last
     result = child(["train.py", "--config", str(write_config(work, name, tree))], work, timeout)
     out = Path(tree["output_dir"])
     records = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
@@ -201,6 +203,7 @@ def epoch_trees(work: Path, sizes: dict, cuda: bool, stage) -> dict:
     stage("epoch_data", make)
     configs = {}
     for name in trees:
+        shutil.rmtree(work / "runs" / name, ignore_errors=True)  # a rerun in the same --work: not a resume
         configs[name] = write_config(work, name, proof_config(work, sizes, **{
             "data.root": str(work / f"data_{name}"), "data.cache.dir": str(work / f"cache_{name}"),
             "data.cache.device_augment": True, "train.channels_last": cuda, "train.epochs": 2,
