@@ -320,13 +320,15 @@ def validate(run: Run) -> None:
 
 
 def save(run: Run, best_candidate: bool) -> Path:
-    """A checkpoint of the current step on all ranks; after a validation it may also become checkpoints/best."""
+    """A checkpoint of the current step on all ranks; after a validation it may also become checkpoints/best.
+    Every validation is followed by a save: the next throughput window starts here."""
     state = run.state
     run.last_saved_step = state["step"]
     run.latest = checkpoint.save(run.accelerator, run.output_dir, state, run.cfg.checkpoint.keep_last)
     if best_candidate and run.accelerator.is_main_process and state["best_step"] == state["step"]:
         if checkpoint.update_best(run.output_dir, run.latest, state["best_mIoU"], state["step"]):
             run.wandb_run.log_best_checkpoint(run.output_dir / "checkpoints" / "best", state)
+    run.loop["speed"].restart(run.loop["data_wait"].seconds)  # img/s windows leave out saves and validations
     return run.latest
 
 

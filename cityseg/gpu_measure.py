@@ -36,9 +36,11 @@ def count_syncs(step, repeats: int) -> int | None:
     return -(-len(messages) // repeats)  # rounded up: one sync in any of the steps counts
 
 
-def step_child(cfg_path: str, variant: str, steps: int, warmup: int) -> dict:
-    from cityseg.config import load_config
-    from cityseg.flops import peak_flops, train_flops_per_image
+def build_step(cfg, batch: int, channels_last: bool, compile_mode: str | None = None, compile_loss: bool = False,
+               backend: str = "inductor") -> dict:
+    """The engine's train_step on one device-resident synthetic batch: {"step": a no-argument step, "stats", ...}.
+    compile_mode: torch.compile the model (and the loss with compile_loss) in that mode; None: eager."""
+    from cityseg.flops import train_flops_per_image
     from cityseg.labels import num_classes
     from cityseg.losses import build_loss
     from cityseg.model import build_model
@@ -46,8 +48,6 @@ def step_child(cfg_path: str, variant: str, steps: int, warmup: int) -> dict:
     from cityseg.runtime import make_accelerator
     from cityseg.step import StepStats, train_step
 
-    precision, channels_last, compiled = STEP_VARIANTS[variant]
-    cfg = load_config(cfg_path, [f"train.mixed_precision='{precision}'"])  # quoted: YAML reads no as false
     accelerator = make_accelerator(cfg)
     device, classes = accelerator.device, num_classes(cfg.data.label_scheme)
     torch.backends.cudnn.benchmark = True
@@ -57,20 +57,32 @@ def step_child(cfg_path: str, variant: str, steps: int, warmup: int) -> dict:
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     model, optimizer = accelerator.prepare(model, build_optimizer(model, cfg.optim))
-    if compiled:
-        model = torch.compile(model)
     loss_fn, stats = build_loss(cfg.loss, classes).to(device), StepStats(device)
-    if compiled:  # as engine.setup does with train.compile
-        loss_fn = torch.compile(loss_fn)
+    if compile_mode is not None:
+        options = {} if backend != "inductor" else {"mode": compile_mode}
+        model = torch.compile(model, backend=backend, **options)
+        loss_fn = torch.compile(loss_fn, backend=backend, **options) if compile_loss else loss_fn
     height, width = cfg.data.image_size
-    images = torch.randn(cfg.data.batch_size, 3, height, width, device=device)
+    images = torch.randn(batch, 3, height, width, device=device)
     images = images.contiguous(memory_format=torch.channels_last) if channels_last else images
-    masks = torch.randint(0, classes, (cfg.data.batch_size, height, width), device=device)
+    masks = torch.randint(0, classes, (batch, height, width), device=device)
     model.train()
 
     def step():
         train_step(accelerator, model, optimizer, loss_fn, images, masks, cfg.optim.lr, None, stats, 0)
 
+    return {"step": step, "stats": stats, "device": device, "flops": flops, "model": model, "loss_fn": loss_fn,
+            "images": images, "masks": masks, "classes": classes}
+
+
+def step_child(cfg_path: str, variant: str, steps: int, warmup: int) -> dict:
+    from cityseg.config import load_config
+    from cityseg.flops import peak_flops
+
+    precision, channels_last, compiled = STEP_VARIANTS[variant]
+    cfg = load_config(cfg_path, [f"train.mixed_precision='{precision}'"])  # quoted: YAML reads no as false
+    built = build_step(cfg, cfg.data.batch_size, channels_last, "default" if compiled else None)
+    step, stats, device, flops = built["step"], built["stats"], built["device"], built["flops"]
     started = time.perf_counter()
     for _ in range(warmup):
         step()
@@ -93,9 +105,11 @@ def step_child(cfg_path: str, variant: str, steps: int, warmup: int) -> dict:
             **memory(device)}
 
 
-def loop_child(cfg_path: str, steps: int) -> dict:
+def loop_child(cfg_path: str, steps: int, window: int = 0) -> dict:
     """Syncs per steady-state step of the engine's loop body: the cached loader (pinned, non_blocking, theta drawn
-    in the workers), device augmentation, channels_last, train_step and the stop vote."""
+    in the workers), device augmentation, channels_last, train_step and the stop vote; and over one whole logging
+    window of `window` steps with its read at the end (the step counters and the Speedometer), as train.py runs it.
+    The loader must hold 2 + steps + window batches."""
     from cityseg.config import load_config
     from cityseg.data.device_augment import augment_with_theta
     from cityseg.data.loaders import train_dataset, train_loader
@@ -106,6 +120,7 @@ def loop_child(cfg_path: str, steps: int) -> dict:
     from cityseg.preemption import StopVote
     from cityseg.runtime import make_accelerator
     from cityseg.step import StepStats, train_step
+    from cityseg.tracking import Speedometer
 
     cfg = load_config(cfg_path, ["data.cache.device_augment=true"])
     accelerator = make_accelerator(cfg)
@@ -127,10 +142,22 @@ def loop_child(cfg_path: str, steps: int) -> dict:
         train_step(accelerator, model, optimizer, loss_fn, images, masks, cfg.optim.lr, None, stats, 0)
         vote.any(False)
 
+    speed = Speedometer(accelerator.device, 1, None, None)
+
+    def logging_window():
+        for _ in range(window):
+            step()
+            speed.add(cfg.data.batch_size, True)
+        stats.take()
+        speed.read(0.0)
+
     for _ in range(2):
         step()
     stats.take()
-    return {"syncs_per_step": count_syncs(step, repeats=steps), "steps": steps}
+    speed.restart(0.0)
+    per_step = count_syncs(step, repeats=steps)
+    return {"syncs_per_step": per_step, "steps": steps, "window_steps": window,
+            "syncs_per_window": count_syncs(logging_window, repeats=1) if window else None}
 
 
 def device_name(device: torch.device) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -13,13 +14,22 @@ from pathlib import Path
 import torch
 import yaml
 
+from cityseg.gpu_diagnose import (COMPILE_VARIANTS, NEEDS_CUDA, diagnose_child, diagnosis_rows, run_child, tile_tree,
+                                  variant_child)
 from cityseg.gpu_measure import STEP_VARIANTS, eval_child, loop_child, step_child
 
 REPO = Path(__file__).resolve().parents[1]
+# epoch_train: a Cityscapes epoch (2,975 images) on one GPU; share_steps: one GPU's share of it among 8 (11 steps
+# of 32); tiles: distinct training-size pairs the epoch trees link to, cycled. budget_s: the compile variants run
+# last, each limited to what is left of it.
 FULL = {"source": [1024, 2048], "train": 160, "val": 32, "size": [256, 512], "batch": 32, "workers": 8,
-        "steps": 30, "warmup": 3, "run_epochs": 6, "loader_epochs": 2, "eval_images": 8}
+        "steps": 30, "warmup": 3, "run_epochs": 6, "loader_epochs": 2, "eval_images": 8,
+        "profile_steps": 5, "sweep": [16, 32, 64, 128], "sweep_repeats": 3, "sweep_steps": 10, "tiles": [64, 16],
+        "epoch_train": 2975, "epoch_val": 500, "share_steps": 11, "log_every": 10, "budget_s": 480}
 QUICK = {"source": [64, 128], "train": 16, "val": 4, "size": [32, 64], "batch": 4, "workers": 2,
-         "steps": 2, "warmup": 1, "run_epochs": 2, "loader_epochs": 1, "eval_images": 2}
+         "steps": 2, "warmup": 1, "run_epochs": 2, "loader_epochs": 1, "eval_images": 2,
+         "profile_steps": 5, "sweep": [2, 4], "sweep_repeats": 3, "sweep_steps": 1, "tiles": [8, 4],
+         "epoch_train": 24, "epoch_val": 8, "share_steps": 2, "log_every": 2, "budget_s": None}
 
 
 def proof_config(work: Path, sizes: dict, **overrides) -> dict:
@@ -76,6 +86,7 @@ def write_config(work: Path, name: str, tree: dict) -> Path:
 def train_run(work: Path, name: str, tree: dict, timeout: float) -> dict:
     """`python train.py` with this config; its data wait, images/s and mIoU per evaluation, as the user sees them."""
     tree["output_dir"] = str(work / "runs" / name)
+    shutil.rmtree(tree["output_dir"], ignore_errors=True)  # a rerun in the same --work: not a resume of the last
     result = child(["train.py", "--config", str(write_config(work, name, tree))], work, timeout)
     out = Path(tree["output_dir"])
     records = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
@@ -105,42 +116,101 @@ def loader_tree(work: Path, sizes: dict, cuda: bool, name: str, changes: dict) -
                                         "train.mixed_precision": "bf16" if cuda else "no", **changes})
 
 
-def measure(work: Path, sizes: dict, report: dict, stage) -> None:
-    """Each stage's result (or its error) lands in report under its name; one failure does not stop the rest."""
+def prepare_cache(work: Path, config: Path) -> dict:
+    started = time.perf_counter()
+    child(["-m", "cityseg", "prepare", "--config", str(config)], work, 600)
+    return {"seconds": time.perf_counter() - started}
+
+
+def measure(work: Path, sizes: dict, report: dict, stage, precisions: bool) -> None:
+    """Each stage's result (or its error) lands in report under its name; one failure does not stop the rest.
+    Seconds on an H100 (the 2026-11-27 run, or estimated where marked ~) after each stage: the total fits 8 min."""
     cuda = torch.cuda.is_available()
+    started = time.perf_counter()
     report["machine"] = {"cpus": os.cpu_count(), "torch": torch.__version__, "cuda": cuda,
                          "gpu": torch.cuda.get_device_name(0) if cuda else None}
-    stage("data", lambda: make_data(work, sizes))
+    stage("data", lambda: make_data(work, sizes))  # 160 + 32 full-size PNGs: ~25 s
     base = write_config(work, "base", proof_config(work, sizes, **{
         "data.cache.dir": str(work / "cache"), "train.channels_last": cuda,
         "train.mixed_precision": "bf16" if cuda else "no"}))
+    stage("cache", lambda: prepare_cache(work, base))  # 14 s
+    trees = epoch_trees(work, sizes, cuda, stage)  # ~15 s: tiles at the training size, linked trees, their caches
 
-    def build_cache():
-        started = time.perf_counter()
-        child(["-m", "cityseg", "prepare", "--config", str(base)], work, 600)
-        return {"seconds": time.perf_counter() - started}
-
-    stage("cache", build_cache)
     def step_stage(variant: str) -> None:
         stage(f"steps.{variant}", lambda: json_child(
             ["--child", "step", "--config", str(base), "--variant", variant, "--steps", str(sizes["steps"]),
              "--warmup", str(sizes["warmup"])], work, 400))
 
-    variants = [name for name in STEP_VARIANTS if not STEP_VARIANTS[name][2]] if cuda else ["fp32"]
+    # bf16 + channels_last: 51 s; fp32, bf16, fp16 (--precisions): 35 s each, measured 2026-11-27
+    variants = ["bf16_channels_last"] + (["fp32", "bf16", "fp16_grad_scaler"] if precisions else []) if cuda \
+        else ["fp32"]
     for variant in variants:
         step_stage(variant)
-    stage("loop_syncs", lambda: json_child(["--child", "loop", "--config", str(base), "--steps", "3"], work, 300))
+    stage("diagnosis", lambda: json_child([  # ~60 s: profiler, batch sweep (4 shapes autotuned), loss
+        "--child", "diagnose", "--config", str(base), "--warmup", str(sizes["warmup"]), "--options", json.dumps(
+            {"profile_steps": sizes["profile_steps"], "batches": sizes["sweep"], "repeats": sizes["sweep_repeats"],
+             "steps": sizes["sweep_steps"]})], work, 400))
+    stage("loop_syncs", lambda: json_child(  # 33 s
+        ["--child", "loop", "--config", str(trees["epoch"]), "--steps", "3", "--options",
+         json.dumps({"window": sizes["log_every"]})], work, 300))
+    for name in ("epoch", "gpu_share"):  # ~40 s and ~25 s
+        stage(f"runs.{name}", lambda name=name: json_child(["--child", "run", "--config", str(trees[name])], work, 600))
     loaders = {"cached_device_augment": {"data.cache.device_augment": True}, "cached_cpu_augment": {},
                "uncached": {"data.cache.dir": None}}
-    for name, changes in loaders.items():
+    for name, changes in loaders.items():  # ~28 s each
         stage(f"loaders.{name}", lambda name=name, changes=changes: train_run(
             work, name, loader_tree(work, sizes, cuda, name, changes), 600))
     weights = work / "runs" / "cached_device_augment" / "model.safetensors"
-    stage("full_resolution_eval", lambda: json_child(
+    stage("full_resolution_eval", lambda: json_child(  # 17 s
         ["--child", "eval", "--config", str(base), "--weights", str(weights), "--images",
          str(sizes["eval_images"])], work, 400))
-    if cuda:  # last: compilation takes the longest, and everything else is measured by then
-        step_stage("bf16_channels_last_compile")
+    # last: compilation takes the longest (49 s on an H200 for the model alone), so each variant gets what is left
+    for variant, (_, _, cuda_only) in COMPILE_VARIANTS.items():
+        left = None if sizes["budget_s"] is None else sizes["budget_s"] - (time.perf_counter() - started)
+        stage(f"variants.{variant}", lambda variant=variant, left=left, cuda_only=cuda_only: variant_stage(
+            work, base, sizes, variant, left, cuda_only and not cuda))
+
+
+def variant_stage(work: Path, base: Path, sizes: dict, variant: str, left: float | None, needs_cuda: bool) -> dict:
+    """One compile variant in its own process, limited to what is left of the proof's budget."""
+    if needs_cuda:
+        return {"variant": variant, "skipped": NEEDS_CUDA}
+    if left is not None and left < 60:
+        return {"variant": variant, "skipped": f"not started: the proof's budget was spent ({left:.0f} s left)"}
+    try:
+        return json_child(["--child", "variant", "--config", str(base), "--variant", variant, "--steps",
+                           str(sizes["steps"]), "--warmup", str(sizes["warmup"])], work, left or 900)
+    except subprocess.TimeoutExpired:
+        return {"variant": variant, "skipped": f"stopped at the proof's budget after {left:.0f} s (compiling)"}
+
+
+def epoch_trees(work: Path, sizes: dict, cuda: bool, stage) -> dict:
+    """Configs of the two training runs: a Cityscapes-sized epoch, and one GPU's share of it among 8."""
+    from cityseg.data.synthetic import write_synthetic
+
+    trees = {"epoch": (sizes["epoch_train"], sizes["epoch_val"]),
+             "gpu_share": (sizes["share_steps"] * sizes["batch"], -(-sizes["epoch_val"] // 8))}
+
+    def make() -> dict:
+        began = time.perf_counter()
+        write_synthetic(work / "tiles", n_train=sizes["tiles"][0], n_val=sizes["tiles"][1], height=sizes["size"][0],
+                        width=sizes["size"][1], seed=1, workers=os.cpu_count() or 1)
+        for name, (train, val) in trees.items():
+            tile_tree(work / "tiles", work / f"data_{name}", {"train": train, "val": val})
+        return {name: {"train": train, "val": val} for name, (train, val) in trees.items()} | {
+            "seconds": time.perf_counter() - began}
+
+    stage("epoch_data", make)
+    configs = {}
+    for name in trees:
+        shutil.rmtree(work / "runs" / name, ignore_errors=True)  # a rerun in the same --work: not a resume
+        configs[name] = write_config(work, name, proof_config(work, sizes, **{
+            "data.root": str(work / f"data_{name}"), "data.cache.dir": str(work / f"cache_{name}"),
+            "data.cache.device_augment": True, "train.channels_last": cuda, "train.epochs": 2,
+            "train.log_every": sizes["log_every"], "train.mixed_precision": "bf16" if cuda else "no",
+            "output_dir": str(work / "runs" / name)}))
+        stage(f"epoch_cache.{name}", lambda path=configs[name]: prepare_cache(work, path))
+    return configs
 
 
 def verdict(report: dict) -> dict:
@@ -170,8 +240,8 @@ def print_table(report: dict) -> None:
         return "" if value is None else form.format(100 * value if "%" in form else value)
 
     def add(label: str, row: dict) -> None:
-        if "error" in row:
-            table.add_row(label, f"failed: {row['error'][:60]}", "", "", "", "")
+        if "error" in row or "skipped" in row:
+            table.add_row(label, f"failed: {row['error'][:60]}" if "error" in row else row["skipped"], "", "", "", "")
             return
         table.add_row(label, cell(row, "images_per_s", "{:.1f}"), cell(row, "mfu", "{:.1f}%"),
                       cell(row, "data_wait_last_epoch", "{:.1f}%"),
@@ -184,6 +254,8 @@ def print_table(report: dict) -> None:
         add(f"train.py, {name} loader, {report['setup']['workers']} workers", row)
     evaluation = report.get("full_resolution_eval", {})
     add(f"eval {evaluation.get('size')} sliding window {evaluation.get('window')} + flip", evaluation)
+    for label, row in diagnosis_rows(report):
+        add(label, row)
     miou = report.get("loaders", {}).get("cached_device_augment", {}).get("mIoU", [])
     table.add_row("mIoU per epoch, cached + device augment run", " ".join(f"{m:.3f}" for m in miou), "", "", "", "")
     console = Console(width=160)
@@ -191,12 +263,32 @@ def print_table(report: dict) -> None:
     console.print(f"targets: {report['verdict']}")
 
 
+def child_measurement(args) -> dict:
+    """What a child process (--child) measures, as JSON for the driver."""
+    options = json.loads(args.options)
+    if args.child == "step":
+        return step_child(args.config, args.variant, args.steps, args.warmup)
+    if args.child == "loop":
+        return loop_child(args.config, args.steps, **options)
+    if args.child == "eval":
+        return eval_child(args.config, args.weights, args.images)
+    if args.child == "diagnose":
+        return diagnose_child(args.config, warmup=args.warmup, **options)
+    if args.child == "variant":
+        return variant_child(args.config, args.variant, args.steps, args.warmup)
+    return run_child(args.config)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bench/gpu_proof.sh", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="tiny sizes (CPU, the test suite)")
     parser.add_argument("--work", default="runs/gpu_proof", help="scratch folder (data, cache, runs, logs)")
     parser.add_argument("--json", default=None, help="report path (default: <work>/gpu_proof.json)")
-    parser.add_argument("--child", choices=["step", "eval", "loop"], help=argparse.SUPPRESS)
+    parser.add_argument("--precisions", action="store_true",
+                        help="also time the step at fp32, bf16 without channels_last and fp16 (~35 s each on a GPU)")
+    parser.add_argument("--child", choices=["step", "eval", "loop", "diagnose", "variant", "run"],
+                        help=argparse.SUPPRESS)
+    parser.add_argument("--options", default="{}", help=argparse.SUPPRESS)
     parser.add_argument("--config", help=argparse.SUPPRESS)
     parser.add_argument("--variant", help=argparse.SUPPRESS)
     parser.add_argument("--weights", help=argparse.SUPPRESS)
@@ -204,14 +296,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--images", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.child == "step":
-        print(json.dumps(step_child(args.config, args.variant, args.steps, args.warmup)))
-        return 0
-    if args.child == "loop":
-        print(json.dumps(loop_child(args.config, args.steps)))
-        return 0
-    if args.child == "eval":
-        print(json.dumps(eval_child(args.config, args.weights, args.images)))
+    if args.child:
+        print(json.dumps(child_measurement(args)))
         return 0
     sizes, work = (QUICK if args.quick else FULL), Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -236,15 +322,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name}: {json.dumps(result)}", flush=True)
         json_path.write_text(json.dumps(report, indent=2))
 
-    measure(work, sizes, report, stage)
+    measure(work, sizes, report, stage, args.precisions)
     report["verdict"] = verdict(report)
     report["seconds"] = time.perf_counter() - started
     json_path.write_text(json.dumps(report, indent=2))
     print_table(report)
     print(f"wrote {json_path} ({report['seconds']:.0f} s)")
     errors = [name for name, value in report.items() if isinstance(value, dict) and "error" in value]
-    errors += [f"{group}.{name}" for group in ("steps", "loaders") for name, value in report.get(group, {}).items()
-               if "error" in value]
+    errors += [f"{group}.{name}" for group in ("steps", "loaders", "runs", "variants", "epoch_cache")
+               for name, value in report.get(group, {}).items() if "error" in value]
     if errors:
         print(f"gpu_proof: failed stages: {', '.join(errors)}", file=sys.stderr)
     return 1 if errors else 0

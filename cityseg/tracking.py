@@ -27,7 +27,9 @@ class DataWait:
         self.seconds = 0.0
 
     def timed(self, iterable):
-        iterator = iter(iterable)
+        start = time.perf_counter()
+        iterator = iter(iterable)  # an epoch's start (workers forked or woken, first batches fetched) is data wait
+        self.seconds += time.perf_counter() - start
         while True:
             start = time.perf_counter()
             try:
@@ -51,6 +53,8 @@ class Speedometer:
         self.restart(0.0)
 
     def restart(self, waited_s: float) -> None:
+        """A new window from now: after each read, and after validation or a save, so that time spent there
+        counts in no window, epoch img/s or data-wait share (the window is empty then: a read came just before)."""
         self.images, self.steps, self.waited_at, self.started = 0, 0, waited_s, time.perf_counter()
         if self.cuda:
             self.start_event = torch.cuda.Event(enable_timing=True)

@@ -105,3 +105,37 @@ def test_gpu_proof_quick_runs_every_stage_on_cpu(tmp_path):
     assert set(report["verdict"]) == {"zero_syncs_per_step", "bf16_2000_img_s", "data_wait_under_5pct",
                                       "miou_rises"}
     assert "cityseg GPU proof on cpu" in result.stdout
+    check_diagnosis(report)
+
+
+def check_diagnosis(report: dict) -> None:
+    """The diagnosis sections of the quick proof (tiny sizes, CPU): each ran and says what it measured."""
+    diagnosis = report["diagnosis"]
+    profile = diagnosis["profile"]
+    assert profile["steps"] == 5 and profile["cpu_ops_per_step"] > 0 and profile["cpu_op_time_per_step_s"] > 0
+    assert profile["kernels_per_step"] is None and profile["device_busy_share"] is None  # no device timeline
+    top = profile["top_cpu_ops"]
+    assert 1 <= len(top) <= 20 and sum(op["share"] for op in top) <= 1 + 1e-9, top
+    assert [op["ms_per_step"] for op in top] == sorted((op["ms_per_step"] for op in top), reverse=True)
+    assert diagnosis["unprofiled"]["wall_s_per_step"] >= diagnosis["unprofiled"]["host_s_per_step"] > 0
+    assert list(diagnosis["batch_sweep"]) == ["2", "4"]
+    for row in diagnosis["batch_sweep"].values():
+        assert len(row["repeats_s"]) == 3 and row["images_per_s"] > 0, row
+    loss = diagnosis["loss"]
+    assert loss["configured"]["loss.name"] == "dice" and loss["configured"]["class"].startswith("segmentation")
+    assert loss["configured"]["ms_per_call"] > 0 and loss["smp_dice_one_hot"]["ms_per_call"] > 0
+    variants = report["variants"]
+    assert variants["compile_model_and_loss"]["backend"] == "eager", variants  # traced, no code generated on CPU
+    assert variants["compile_model_and_loss"]["compiled"] == ["model", "loss"]
+    assert variants["compile_model_and_loss"]["images_per_s"] > 0
+    for name in ("max_autotune_no_cudagraphs", "cuda_graphs"):
+        assert variants[name]["skipped"] == "skipped: needs CUDA", variants[name]
+    assert report["loop_syncs"]["window_steps"] == 2 and report["loop_syncs"]["syncs_per_window"] is None
+    assert report["epoch_data"]["epoch"] == {"train": 24, "val": 8}
+    for name, steps_per_epoch in (("epoch", 6), ("gpu_share", 2)):
+        run = report["runs"][name]
+        assert run["exit_code"] == 0 and run["epochs"] == 2 and run["steps_per_epoch"] == steps_per_epoch, run
+        assert len(run["epoch_start_stall_s"]) == 2 and len(run["validation_s"]) == 2, run
+        assert len(run["checkpoint_s"]) == 2 and all(s > 0 for s in run["checkpoint_s"] + run["validation_s"])
+        assert run["steady_images_per_s"] > 0 and 0 <= run["steady_data_wait"] <= 1, run
+        assert 0 < run["end_to_end_images_per_s"] < run["steady_images_per_s"], run  # startup, validation, saves
