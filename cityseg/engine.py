@@ -267,7 +267,7 @@ def loop_parts(run: Run) -> dict:
             run.console.print(f"MFU: {flops / 1e9:.1f} GFLOP per training image (forward + backward) against "
                               f"{peak_name}")
         run.loop = {"stats": StepStats(accelerator.device), "data_wait": DataWait(),
-                    "vote": StopVote(accelerator, cfg.dist.timeout_minutes),
+                    "vote": StopVote(accelerator, cfg.dist.timeout_minutes, cfg.train.stop_vote_s, run.console.print),
                     "speed": Speedometer(accelerator.device, accelerator.num_processes, flops, peak),
                     "profiler": StepProfiler(cfg.train.profile_steps, run.output_dir, accelerator.process_index,
                                              accelerator.device),
