@@ -79,11 +79,9 @@ class TrainStream(DataLoaderStateMixin):
                                f"at {self.batch_sampler.resume}; a resume point is set before the first epoch")
         count = len(self)
         self.begin()
-        try:
-            while self.taken < count:
-                batch = next(self.iterator)
-                self.taken += 1
-                self.end_of_dataloader = self.taken == count  # accelerate's accumulate() steps on it
-                yield send_to_device(batch, self.device, non_blocking=self.non_blocking)
-        finally:
-            self.end()
+        while self.taken < count:
+            batch = next(self.iterator)
+            self.taken += 1
+            self.end_of_dataloader = self.taken == count  # accelerate's accumulate() steps on it
+            yield send_to_device(batch, self.device, non_blocking=self.non_blocking)
+        self.end()  # as accelerate's loader: a pass left early (the schedule's last step) stays registered

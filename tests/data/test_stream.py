@@ -91,6 +91,7 @@ def test_workers_prefetch_the_next_epoch_before_it_is_asked_for(tmp_path):
     waited = time.perf_counter() - start
     assert indices.tolist() == epoch1[:2] and images.flatten().tolist() == [1.0, 1.0]  # the sample knew its epoch
     assert waited < LOAD_S / 4, f"epoch 1's first batch took {waited:.3f} s: not prefetched"
+    assert [loaded(log).count((1, index)) for index in epoch1[:2]] == [1, 1]  # the prefetched loads were used
     assert [index for batch in batches for index in batch[2].tolist()] == epoch1[2:]
 
 
