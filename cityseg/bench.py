@@ -1,4 +1,4 @@
-"""`cityseg bench`: the seed's data path vs cityseg's (uncached, cached), the engine's step vs a bare loop, CPU layouts."""
+"""`cityseg bench`: seed vs cityseg data paths, the engine's step vs a bare loop, CPU layouts, the stop vote's cost."""
 from __future__ import annotations
 
 import copy
@@ -30,6 +30,7 @@ from cityseg.losses import build_loss
 from cityseg.model import build_model
 from cityseg.runtime import make_accelerator
 from cityseg.step import StepStats, train_step
+from cityseg.vote_bench import start_votes, vote_report
 
 
 # ---- the seed recipe's data path, re-implemented faithfully: PIL, per-sample albumentations, in-loop encoding
@@ -295,6 +296,11 @@ def print_table(report: dict) -> None:
                   f"{precision['bf16_vs_fp32']:.2f}x")
     table.add_row(f"step: 2 processes x 1 thread (gloo, batch {step['batch'] // 2} each)",
                   f"{processes['two_by_one_img_s']:.2f} img/s", f"{processes['two_by_one_vs_one_by_two']:.2f}x")
+    vote = report["vote"]
+    table.add_row(f"stop vote, 2 gloo ranks: synchronous, every step ({vote['step_ms']:g} ms host step)",
+                  f"{vote['sync_us_per_step']:.1f} us/step", "")
+    table.add_row(f"stop vote, 2 gloo ranks: asynchronous, read every {vote['k']} steps ({vote['interval_s']:g} s)",
+                  f"{vote['async_us_per_step']:.1f} us/step", f"{vote['sync_vs_async']:.0f}x less")
     if setup.get("quick"):  # tiny sizes, one repeat, layouts run at once: the ratios are noise
         table.title = f"SMOKE TEST (--quick), not a measurement: {table.title}"
         table.caption = ("--quick only checks that every measurement runs; its numbers and ratios mean nothing. "
@@ -318,12 +324,15 @@ def bench(cfg, json_path=None, quick: bool = False, images: int | None = None, b
         loader = bench_loaders(cfg, pairs, root, Path(tmp), batch, repeats, min_seconds=0.0 if quick else 1.0)
     step, precision, processes = bench_steps(cfg, max(2, batch), steps=1 if quick else 2, repeats=repeats,
                                              concurrently=quick)
+    vote_step_s, vote_interval_s = (0.001, 0.02) if quick else (0.002, 1.0)  # k about 20 / 500 steps
+    vote = vote_report(collect_steps(start_votes(vote_step_s, 3 * round(vote_interval_s / vote_step_s),
+                                                 min(repeats, 3), vote_interval_s)), vote_step_s, vote_interval_s)
     report = {
         "setup": {"quick": quick, "images": len(pairs), "source": source, "source_size": [height, width], "image_size": list(cfg.data.image_size), "loader_batch": batch,
                   "repeats": repeats, "model": f"{cfg.model.arch}/{cfg.model.encoder}", "loss": cfg.loss.name},
         "machine": {"cpus": os.cpu_count(), "torch": torch.__version__, "load_before": round(load_before, 2),
                     "load_after": round(os.getloadavg()[0], 2)},
-        "loader": loader, "step": step, "precision": precision, "processes": processes,
+        "loader": loader, "step": step, "precision": precision, "processes": processes, "vote": vote,
     }
     print_table(report)
     if json_path:

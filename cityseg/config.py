@@ -93,6 +93,7 @@ class TrainConfig:
     grad_accum: int = field(default=1, metadata=_range(1))
     resume: str = "auto"  # auto | none | <checkpoint dir>
     preempt_signals: list[str] = field(default_factory=lambda: ["SIGUSR1", "SIGTERM"])
+    stop_vote_s: float = field(default=1.0, metadata=_range(0.0))  # seconds between asynchronous stop votes
     channels_last: bool = False
     compile: bool = False
     log_every: int = field(default=10, metadata=_range(1))

@@ -13,7 +13,7 @@ from cityseg import checkpoint, resume_check
 from cityseg.config import save_config
 from cityseg.data.cityscapes import skipped_samples
 from cityseg.data.device_augment import augment_with_theta
-from cityseg.data.loaders import eval_dataset, eval_loader, train_dataset, train_loader
+from cityseg.data.loaders import eval_dataset, eval_loader, train_dataset, train_stream
 from cityseg.data.sampler import epoch_sampler
 from cityseg.ema import attach_ema
 from cityseg.flops import peak_flops, train_flops_per_image
@@ -114,8 +114,8 @@ def setup(cfg) -> Run:
 
     model = prepare_model(cfg, accelerator, len(names))
     optimizer = build_optimizer(model, cfg.optim)
-    loader = train_loader(cfg, train_set, accelerator.process_index)
-    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    loader = train_stream(cfg, train_set, accelerator)  # one iterator for the run: prefetches across epoch ends
     ema = attach_ema(accelerator, accelerator.unwrap_model(model), cfg.train.ema_decay)  # before any load_state
     if cfg.train.compile:
         model = torch.compile(model)
@@ -211,8 +211,7 @@ def train_epoch(run: Run, stop: StopFlag) -> int | None:
     every train.log_every steps, before a save and at the epoch's end; the stop flag is agreed on the host."""
     cfg, accelerator, state = run.cfg, run.accelerator, run.state
     epoch = state["epochs_done"]  # 0-based: the data order's seed
-    run.loader.set_epoch(epoch)
-    run.train_set.set_epoch(epoch)
+    run.loader.set_epoch(epoch)  # the samples carry their epoch: the dataset augments each for its own
     # the epoch's order is the same for any run shape: a resumed epoch skips the samples trained before the stop
     epoch_sampler(run.loader).start_at(epoch, checkpoint.samples_in_epoch(state))  # batch_in_epoch is 0 here
     loop = loop_parts(run)
@@ -270,7 +269,7 @@ def loop_parts(run: Run) -> dict:
             run.console.print(f"MFU: {flops / 1e9:.1f} GFLOP per training image (forward + backward) against "
                               f"{peak_name}")
         run.loop = {"stats": StepStats(accelerator.device), "data_wait": DataWait(),
-                    "vote": StopVote(accelerator, cfg.dist.timeout_minutes),
+                    "vote": StopVote(accelerator, cfg.dist.timeout_minutes, cfg.train.stop_vote_s, run.console.print),
                     "speed": Speedometer(accelerator.device, accelerator.num_processes, flops, peak),
                     "profiler": StepProfiler(cfg.train.profile_steps, run.output_dir, accelerator.process_index,
                                              accelerator.device),

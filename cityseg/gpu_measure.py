@@ -112,7 +112,7 @@ def loop_child(cfg_path: str, steps: int, window: int = 0) -> dict:
     The loader must hold 2 + steps + window batches."""
     from cityseg.config import load_config
     from cityseg.data.device_augment import augment_with_theta
-    from cityseg.data.loaders import train_dataset, train_loader
+    from cityseg.data.loaders import train_dataset, train_stream
     from cityseg.labels import num_classes
     from cityseg.losses import build_loss
     from cityseg.model import build_model
@@ -128,8 +128,8 @@ def loop_child(cfg_path: str, steps: int, window: int = 0) -> dict:
     classes = num_classes(cfg.data.label_scheme)
     dataset = train_dataset(cfg)
     model = build_model(cfg.model, classes).to(memory_format=torch.channels_last)
-    model, optimizer, loader = accelerator.prepare(model, build_optimizer(model, cfg.optim),
-                                                   train_loader(cfg, dataset, 0))
+    model, optimizer = accelerator.prepare(model, build_optimizer(model, cfg.optim))
+    loader = train_stream(cfg, dataset, accelerator)
     loss_fn, stats, vote = build_loss(cfg.loss, classes).to(accelerator.device), StepStats(accelerator.device), \
         StopVote(accelerator, 1.0)
     batches = iter(loader)

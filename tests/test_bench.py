@@ -17,6 +17,11 @@ def test_bench_quick_writes_the_table_and_json(tmp_path):
                          ("step", "engine_s"), ("step", "bare_s"), ("precision", "bf16_img_s"),
                          ("processes", "two_by_one_img_s")]:
         assert report[section][key] > 0 and math.isfinite(report[section][key]), (section, key)
+    vote = report["vote"]  # the stop vote's cost per step at 2 ranks, both kinds side by side
+    assert result.stdout.count(" us/step") == 2  # its two rows (the table wraps the longer measurement names)
+    assert vote["sync_us_per_step"] > 0 and vote["async_us_per_step"] > 0 and vote["k"] >= 1
+    assert math.isclose(vote["sync_vs_async"], vote["sync_us_per_step"] / vote["async_us_per_step"])
+    assert len(vote["samples_s"]["sync"]) == len(vote["samples_s"]["async"]) == 1  # --quick: one repeat
     step = report["step"]
     assert math.isclose(step["overhead_pct"], 100 * (step["engine_s"] / step["bare_s"] - 1))
     assert report["setup"]["quick"] is True and report["setup"]["images"] == 4 and report["setup"]["source"].startswith("synthetic")

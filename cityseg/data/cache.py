@@ -191,11 +191,13 @@ class CachedPairs(CityscapesPairs):
         slot = index - int(self.shard_starts[shard])
         return np.array(images[slot]), np.array(labels[slot])  # one copy out of the page cache
 
-    def __getitem__(self, index: int):
+    def __getitem__(self, key):
         if not self.raw:
-            return super().__getitem__(index)
+            return super().__getitem__(key)
+        epoch, index = self.epoch_and_index(key)
         image, mask = self.load(index)
-        return torch.from_numpy(image).permute(2, 0, 1), torch.from_numpy(mask), index
+        # the epoch rides along: the collate draws this epoch's augmentation even when the next one is training
+        return torch.from_numpy(image).permute(2, 0, 1), torch.from_numpy(mask), index, epoch
 
 
 def prepare(cfg, splits: list[str], workers: int | None = None) -> list[Path]:

@@ -115,7 +115,12 @@ class CityscapesPairs(Dataset):
     def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         return read_pair(*self.pairs[index], self.label_lut)
 
-    def __getitem__(self, index: int):
+    def epoch_and_index(self, key) -> tuple[int, int]:
+        """A training stream's key (epoch, index) carries its epoch; a plain index is of the set_epoch epoch."""
+        return (int(key[0]), int(key[1])) if isinstance(key, (tuple, list)) else (self.epoch, int(key))
+
+    def __getitem__(self, key):
+        epoch, index = self.epoch_and_index(key)
         for offset in range(len(self)):  # a bad sample's next neighbour stands in, so batch shapes stay fixed
             try:
                 image, mask = self.load((index + offset) % len(self))
@@ -126,7 +131,7 @@ class CityscapesPairs(Dataset):
                 self.record_bad_sample(err)
         else:
             raise DataError(f"{self.pairs[index][0].parent.parent}: every sample is bad (data.on_bad_sample=skip)")
-        self.transform.set_random_seed(sample_seed(self.seed, self.epoch, index))
+        self.transform.set_random_seed(sample_seed(self.seed, epoch, index))
         out = self.transform(image=image, mask=mask)
         return out["image"], out["mask"], index
 
@@ -146,5 +151,5 @@ def skipped_samples(bad_sample_log: Path) -> list[str]:
 
 
 def collate(batch):
-    images, masks, indices = zip(*batch)
+    images, masks, indices = zip(*(sample[:3] for sample in batch))  # raw cached samples also carry their epoch
     return torch.stack(images), torch.stack(masks), torch.tensor(indices)

@@ -55,14 +55,16 @@ def sample_photometric(data_cfg, seed: int, epoch: int, indices) -> torch.Tensor
 
 class AugmentParamsCollate:
     """collate_fn of a device_augment loader: (uint8 images, masks, theta) with theta drawn in the worker for the
-    epoch in the dataset's shared memory (persistent workers see every set_epoch)."""
+    epoch each sample carries (or, for a plain index, the epoch in the dataset's shared memory)."""
 
     def __init__(self, collate, data_cfg, seed: int, shared_epoch: torch.Tensor):
         self.collate, self.data_cfg, self.seed, self.shared_epoch = collate, data_cfg, seed, shared_epoch
 
     def __call__(self, batch):
+        # raw cached samples carry their epoch (a batch never spans two); others are of the set_epoch epoch
+        epoch = int(batch[0][3]) if len(batch[0]) > 3 else int(self.shared_epoch)
         images, masks, indices = self.collate(batch)
-        epoch, indices = int(self.shared_epoch), indices.tolist()
+        indices = indices.tolist()
         theta = sample_theta(self.data_cfg, self.seed, epoch, indices)
         photometric = sample_photometric(self.data_cfg, self.seed, epoch, indices)
         return images, masks, theta if photometric is None else (theta, photometric)

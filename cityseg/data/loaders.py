@@ -14,6 +14,7 @@ from cityseg.data.cache import CachedPairs, check_manifest, storage_size
 from cityseg.data.cityscapes import CityscapesPairs, collate, find_pairs
 from cityseg.data.device_augment import AugmentParamsCollate
 from cityseg.data.sampler import EpochSampler
+from cityseg.data.stream import EpochBatches, TrainStream
 from cityseg.data.transforms import eval_transform, train_transform
 from cityseg.labels import label_lut
 from cityseg.preemption import shield_worker
@@ -59,15 +60,21 @@ def eval_dataset(cfg, split: str | None = None, full_resolution: bool = False) -
     return CityscapesPairs(pairs, label_lut(cfg.data.label_scheme), eval_transform(cfg.data, size), seed=cfg.seed)
 
 
-def train_loader(cfg, dataset, rank: int) -> DataLoader:
-    """Shuffled per epoch by EpochSampler (resumable at any sample), last partial batch dropped;
-    accelerate.prepare deals the batches to the ranks in turn."""
+def train_loader(cfg, dataset, rank: int, world: int = 1, epochs: int | None = None) -> DataLoader:
+    """This rank's batches, epoch after epoch: shuffled per epoch by EpochSampler (resumable at any sample), dealt
+    to the ranks in turn as accelerate.prepare would (not to be prepared again); the samples are (epoch, index)."""
+    batches = EpochBatches(EpochSampler(len(dataset), cfg.seed), cfg.data.batch_size, rank, world, epochs)
     return DataLoader(
-        dataset, batch_size=cfg.data.batch_size, sampler=EpochSampler(len(dataset), cfg.seed), drop_last=True,
-        collate_fn=train_collate(cfg, dataset),
+        dataset, batch_sampler=batches, collate_fn=train_collate(cfg, dataset),
         worker_init_fn=functools.partial(init_worker, rank=rank, preempt_signals=cfg.train.preempt_signals),
         **worker_kwargs(cfg.data.num_workers),
     )
+
+
+def train_stream(cfg, dataset, accelerator) -> TrainStream:
+    """The run's training batches on the device, one epoch at a time from one long-lived loader iterator."""
+    loader = train_loader(cfg, dataset, accelerator.process_index, accelerator.num_processes, cfg.train.epochs)
+    return TrainStream(loader, accelerator.device, accelerator.non_blocking)
 
 
 def train_collate(cfg, dataset):

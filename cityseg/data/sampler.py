@@ -34,13 +34,18 @@ class EpochSampler(Sampler[int]):
     @property
     def start(self) -> int:
         """Samples of the current epoch's order that are skipped."""
-        resumed_epoch, consumed = self.resume
-        return consumed if resumed_epoch == self.epoch else 0
+        return self.skipped(self.epoch, self.resume)
 
-    def order(self) -> list[int]:
-        """The whole epoch's order, consumed samples included."""
+    @staticmethod
+    def skipped(epoch: int, resume: tuple[int, int]) -> int:
+        """Samples of `epoch`'s order skipped under start_at's `resume` (epoch, consumed)."""
+        resumed_epoch, consumed = resume
+        return consumed if resumed_epoch == epoch else 0
+
+    def order(self, epoch: int | None = None) -> list[int]:
+        """The whole order of `epoch` (default: the current one), consumed samples included."""
         generator = torch.Generator()
-        generator.manual_seed(self.seed + self.epoch)
+        generator.manual_seed(self.seed + (self.epoch if epoch is None else epoch))
         return torch.randperm(self.num_samples, generator=generator).tolist()
 
     def __iter__(self):
@@ -51,8 +56,9 @@ class EpochSampler(Sampler[int]):
 
 
 def epoch_sampler(loader) -> EpochSampler:
-    """The EpochSampler of a training DataLoader, also after accelerate.prepare (whose BatchSamplerShard wraps the
-    loader's BatchSampler and, for a sampler of its own kind only, exposes the sampler)."""
+    """The EpochSampler of a training DataLoader or TrainStream (whose EpochBatches holds it), also after
+    accelerate.prepare (whose BatchSamplerShard wraps the loader's BatchSampler and, for a sampler of its own kind
+    only, exposes the sampler)."""
     batches = getattr(loader.batch_sampler, "batch_sampler", loader.batch_sampler)
     if not isinstance(batches.sampler, EpochSampler):
         raise TypeError(f"the training loader samples with {type(batches.sampler).__name__}, not EpochSampler")

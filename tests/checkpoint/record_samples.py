@@ -28,11 +28,12 @@ def main() -> None:
         dataset.record_samples = True
         return dataset
 
-    def getitem(self, index):
+    def getitem(self, key):
         if getattr(self, "record_samples", False):
-            log.write(f"{self.epoch} {index}\n")
+            epoch, index = self.epoch_and_index(key)  # the training stream's samples carry their epoch
+            log.write(f"{epoch} {index}\n")
             log.flush()
-        return real_getitem(self, index)
+        return real_getitem(self, key)
 
     cityseg.engine.train_dataset, CityscapesPairs.__getitem__ = train_dataset, getitem
     sys.argv = ["train.py", *sys.argv[1:]]

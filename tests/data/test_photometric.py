@@ -129,3 +129,18 @@ def test_loader_collate_sends_the_draws_the_device_applies():
     assert torch.equal(augment_with_theta(batch_images, batch_masks, augmentation, data_cfg())[0], direct)
     off = AugmentParamsCollate(default_collate, data_cfg(photometric=False), seed=3, shared_epoch=torch.tensor(2))
     assert torch.is_tensor(off(samples)[2])  # unchanged batches when data.photometric is off
+
+
+def test_stream_samples_bring_their_own_epoch_to_the_draws():
+    """A raw cached sample from the training stream carries its epoch: the draws are that epoch's, not the shared
+    set_epoch one (the workers prefetch the next epoch while this one still trains)."""
+    from cityseg.data.cityscapes import collate
+    from cityseg.data.device_augment import AugmentParamsCollate, augment_with_theta
+
+    images = torch.from_numpy(np.stack([image(s) for s in range(3)])).permute(0, 3, 1, 2).contiguous()
+    masks = torch.zeros(3, 16, 24, dtype=torch.uint8)
+    samples = [(images[i], masks[i], 10 + i, 5) for i in range(3)]  # (image, mask, index, epoch 5)
+    batch_images, batch_masks, augmentation = AugmentParamsCollate(collate, data_cfg(), seed=3,
+                                                                   shared_epoch=torch.tensor(2))(samples)
+    direct, _ = augment_batch(images, masks, [10, 11, 12], data_cfg(), seed=3, epoch=5)
+    assert torch.equal(augment_with_theta(batch_images, batch_masks, augmentation, data_cfg())[0], direct)

@@ -1,7 +1,6 @@
 """Test helper run under torchrun / accelerate launch (or python): what each rank's training loader yields, as JSON.
 
-It builds the loader exactly as cityseg.engine.train does (make_accelerator, set_seed, train_loader, prepare,
-set_epoch) and writes <out>/rank<R>.json with, per batch size and epoch, the sample indices in the order this rank
+It builds the loader exactly as cityseg.engine.train does (make_accelerator, set_seed, train_stream, set_epoch) and writes <out>/rank<R>.json with, per batch size and epoch, the sample indices in the order this rank
 saw them and a checksum of each augmented image; plus one random draw per loader worker (per-rank worker seeding).
 """
 from __future__ import annotations
@@ -18,7 +17,7 @@ from accelerate.utils import set_seed
 from torch.utils.data import Dataset, get_worker_info
 
 from cityseg.config import load_config
-from cityseg.data.loaders import train_dataset, train_loader
+from cityseg.data.loaders import train_dataset, train_stream
 from cityseg.runtime import make_accelerator
 
 
@@ -50,11 +49,10 @@ def main() -> int:
     first_batch_size = cfg.data.batch_size
     for batch_size in (first_batch_size, first_batch_size - 1):  # the second leaves a remainder
         cfg.data.batch_size = batch_size
-        loader = accelerator.prepare(train_loader(cfg, dataset, rank))
+        loader = train_stream(cfg, dataset, accelerator)
         orders = []
         for epoch in range(args.epochs):
             loader.set_epoch(epoch)
-            dataset.set_epoch(epoch)
             order = []
             for images, _, indices in loader:
                 order += indices.tolist()
@@ -66,7 +64,7 @@ def main() -> int:
 
     cfg.data.num_workers, cfg.data.batch_size = 2, 4
     draws = {}
-    for values, worker_ids, _ in accelerator.prepare(train_loader(cfg, WorkerDraws(), rank)):
+    for values, worker_ids, _ in train_stream(cfg, WorkerDraws(), accelerator):
         for row, worker in zip(values.tolist(), worker_ids.tolist()):
             draws.setdefault(str(worker), row)
     record["worker_draws"] = draws
