@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -70,6 +71,21 @@ def fresh_accelerate_state():
 
         AcceleratorState._reset_state(reset_partial_state=True)
         GradientState._reset_state()
+
+
+@pytest.fixture(autouse=True)
+def signal_handlers_unchanged():
+    """Code run in this process (cityseg_main(["train", ...]) installs the stop handlers) gives back the handlers
+    it found: a test must not leave SIGINT/SIGTERM/SIGUSR1 rewired for the tests after it."""
+    watched = [signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGHUP, signal.SIGQUIT,
+               signal.SIGALRM, signal.SIGPIPE, signal.SIGCHLD]
+    before = {signum: signal.getsignal(signum) for signum in watched}
+    yield
+    changed = [signum.name for signum, handler in before.items() if signal.getsignal(signum) != handler]
+    for signum, handler in before.items():  # the next test starts clean whatever this one left
+        if handler is not None:
+            signal.signal(signum, handler)
+    assert not changed, f"signal handlers left changed by the test: {', '.join(changed)}"
 
 
 def read_jsonl(path: Path) -> list[dict]:
