@@ -8,6 +8,7 @@ import shutil
 import zipfile
 from pathlib import Path
 
+from accelerate.utils import load as load_pickled_tensors  # torch.load(weights_only=True) + numpy's RNG arrays
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
@@ -161,6 +162,12 @@ def verify(path: Path) -> dict:
                     archive.namelist()  # the central directory sits at the end: truncation breaks it
             except (zipfile.BadZipFile, OSError) as err:
                 raise CheckpointError(f"{path / name}: corrupt ({err})") from None
+        if name.startswith("random_states_"):  # accelerate skips an unreadable one silently: an inexact resume
+            try:
+                load_pickled_tensors(path / name)
+            except Exception as err:  # noqa: BLE001 - refused by the restricted unpickler, or damaged
+                reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else ""
+                raise CheckpointError(f"{path / name}: unreadable ({type(err).__name__}: {reason})") from None
     return state
 
 
