@@ -183,7 +183,7 @@ def samples_in_epoch(state: dict) -> int:
 
 
 def adapt_position(saved: dict, path: Path, shape: dict, steps_per_epoch: int, total_steps: int,
-                   warn=print) -> dict:
+                   warn=print, epoch_samples: int | None = None) -> dict:
     """The saved position in this run's units. The epoch's order is the same for any run shape, so the run
     continues at the sample where the checkpoint stopped (the sampler skips the samples trained). With the same
     shape the step is kept (bit-identical resume); with another one it is mapped by samples seen: finished epochs
@@ -192,6 +192,10 @@ def adapt_position(saved: dict, path: Path, shape: dict, steps_per_epoch: int, t
     consumed = saved.get("samples_in_epoch")
     if consumed is None:  # a checkpoint written before "samples_in_epoch" was recorded (then never resumed)
         consumed = samples_in_epoch({**saved, **before})
+    if epoch_samples is not None and consumed > epoch_samples:  # the data shrank (files removed, data.root moved)
+        raise CheckpointError(f"{path}: was saved after {consumed} samples of epoch {saved['epochs_done'] + 1}, but "
+                              f"the training set now has {epoch_samples}: point data.root at the data the run "
+                              "trained on, or start a new run (output_dir=<new dir>)")
     kept = {key: value for key, value in saved.items() if key not in ("files", "samples_in_epoch")}
     position = {"batch_in_epoch": 0, "resumed_at": [saved["epochs_done"], consumed], "total_steps": total_steps}
     if before == shape:

@@ -163,7 +163,7 @@ def restore(run: Run, steps_per_epoch: int) -> None:
             run.console.print(f"resume: allowed change {change}")
         saved = resume_check.upgrade_trainer_state(checkpoint.read_trainer_state(start_from))
         run.state.update(checkpoint.adapt_position(saved, start_from, shape, steps_per_epoch, run.total_steps,
-                                                   run.console.print))
+                                                   run.console.print, len(run.train_set)))
         try:  # weights, optimizer, scaler, RNG (torch.load weights_only=True)
             accelerator.load_state(str(start_from))
         except Exception as err:  # noqa: BLE001 - name the checkpoint instead of a deep accelerate traceback

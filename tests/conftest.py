@@ -15,6 +15,35 @@ REPO = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
 
 
+GPU_NOTICE = ("{n} CUDA test(s) (marker gpu) deselected: CI machines have no GPU; on a GPU machine run "
+              "`bash tests/run.sh -m gpu` (the GPU path is measured by bench/gpu_proof.sh)")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA GPU; deselected unless -m selects it, and then it fails "
+                                       "(never skips) where there is no GPU")
+
+
+def pytest_collection_modifyitems(config, items):
+    """The gpu tests are deselected, loudly, unless a -m expression chose what to run: then a selected gpu test
+    without CUDA fails (under CI a capability that cannot run fails; it never skips)."""
+    if config.getoption("markexpr"):
+        return
+    gpu = [item for item in items if item.get_closest_marker("gpu")]
+    if gpu:
+        items[:] = [item for item in items if not item.get_closest_marker("gpu")]
+        config.hook.pytest_deselected(items=gpu)
+        config.stash[GPU_DESELECTED] = len(gpu)
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    if config.stash.get(GPU_DESELECTED, 0):
+        terminalreporter.write_line(GPU_NOTICE.format(n=config.stash[GPU_DESELECTED]), yellow=True)
+
+
+GPU_DESELECTED = pytest.StashKey[int]()
+
+
 def child_env(**extra: str) -> dict:
     """Environment for child processes: this checkout first on the path, CPU gloo, no W&B network, 1 thread."""
     env = dict(os.environ)
