@@ -164,8 +164,11 @@ def test_nan_skip_leaves_weights_and_optimizer_as_if_the_batch_never_came(tmp_pa
                   *tiny_overrides(root, out, train__max_steps=5, **NAN_RUN)])
     assert result.returncode == 0, result.stderr[-3000:]
     assert "warning: 1 step(s) skipped for a NaN/Inf loss (train.on_nan=skip)" in result.stdout, result.stdout
-    losses = {r["step"]: r["loss"] for r in read_jsonl(out / "train_log.jsonl")}
+    records = read_jsonl(out / "train_log.jsonl")
+    losses = {r["step"]: r["loss"] for r in records}
     assert list(losses) == [1, 2, 3, 4, 5] and math.isnan(losses[3])  # the injected batch is at step 3
+    # counted as a NaN skip from step 3 on, never as a loss-scaler skip (no scaler without fp16)
+    assert [(r["nan_skipped"], r["scaler_skipped"]) for r in records] == [(0, 0), (0, 0), (1, 0), (1, 0), (1, 0)]
     assert all(math.isfinite(losses[step]) for step in (1, 2, 4, 5)), losses
 
     states = {step: trained_state(checkpoint.step_dir(out, step)) for step in range(1, 6)}
