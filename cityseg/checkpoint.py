@@ -16,6 +16,7 @@ STEP_DIR = re.compile(r"^step_(\d{8})$")
 TRAINER_STATE = "trainer_state.json"  # step, epoch, samples of it trained, best, run shape, sizes of files written
 MODEL_FILE = "model.safetensors"
 EMA_FILE = "ema.safetensors"  # the EMA of the weights (train.ema_decay): what validation measured, so what is exported
+EMA_RANK_FILE = "ema_buffers_{rank}.safetensors"  # each other rank's own EMA BatchNorm statistics
 CONFIG_FILE = "config.yaml"  # the run's resolved config, copied into each checkpoint: export needs nothing else
 
 
