@@ -8,6 +8,7 @@ import shutil
 import zipfile
 from pathlib import Path
 
+from accelerate.utils import load as load_pickled_tensors  # torch.load(weights_only=True) + numpy's RNG arrays
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
@@ -15,6 +16,7 @@ STEP_DIR = re.compile(r"^step_(\d{8})$")
 TRAINER_STATE = "trainer_state.json"  # step, epoch, samples of it trained, best, run shape, sizes of files written
 MODEL_FILE = "model.safetensors"
 EMA_FILE = "ema.safetensors"  # the EMA of the weights (train.ema_decay): what validation measured, so what is exported
+EMA_RANK_FILE = "ema_buffers_{rank}.safetensors"  # each other rank's own EMA BatchNorm statistics
 CONFIG_FILE = "config.yaml"  # the run's resolved config, copied into each checkpoint: export needs nothing else
 
 
@@ -161,6 +163,12 @@ def verify(path: Path) -> dict:
                     archive.namelist()  # the central directory sits at the end: truncation breaks it
             except (zipfile.BadZipFile, OSError) as err:
                 raise CheckpointError(f"{path / name}: corrupt ({err})") from None
+        if name.startswith("random_states_"):  # accelerate skips an unreadable one silently: an inexact resume
+            try:
+                load_pickled_tensors(path / name)
+            except Exception as err:  # noqa: BLE001 - refused by the restricted unpickler, or damaged
+                reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else ""
+                raise CheckpointError(f"{path / name}: unreadable ({type(err).__name__}: {reason})") from None
     return state
 
 
@@ -176,7 +184,7 @@ def samples_in_epoch(state: dict) -> int:
 
 
 def adapt_position(saved: dict, path: Path, shape: dict, steps_per_epoch: int, total_steps: int,
-                   warn=print) -> dict:
+                   warn=print, epoch_samples: int | None = None) -> dict:
     """The saved position in this run's units. The epoch's order is the same for any run shape, so the run
     continues at the sample where the checkpoint stopped (the sampler skips the samples trained). With the same
     shape the step is kept (bit-identical resume); with another one it is mapped by samples seen: finished epochs
@@ -185,6 +193,10 @@ def adapt_position(saved: dict, path: Path, shape: dict, steps_per_epoch: int, t
     consumed = saved.get("samples_in_epoch")
     if consumed is None:  # a checkpoint written before "samples_in_epoch" was recorded (then never resumed)
         consumed = samples_in_epoch({**saved, **before})
+    if epoch_samples is not None and consumed > epoch_samples:  # the data shrank (files removed, data.root moved)
+        raise CheckpointError(f"{path}: was saved after {consumed} samples of epoch {saved['epochs_done'] + 1}, but "
+                              f"the training set now has {epoch_samples}: point data.root at the data the run "
+                              "trained on, or start a new run (output_dir=<new dir>)")
     kept = {key: value for key, value in saved.items() if key not in ("files", "samples_in_epoch")}
     position = {"batch_in_epoch": 0, "resumed_at": [saved["epochs_done"], consumed], "total_steps": total_steps}
     if before == shape:

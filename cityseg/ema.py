@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import copy
+import os
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from cityseg.checkpoint import EMA_FILE, CheckpointError
+from cityseg.checkpoint import EMA_FILE, EMA_RANK_FILE, CheckpointError
 
 
 class WeightEMA:
@@ -42,13 +43,35 @@ class WeightEMA:
         state = {name: tensor.detach().cpu().contiguous() for name, tensor in self.module.state_dict().items()}
         save_file(state, str(Path(directory) / EMA_FILE), metadata={"format": "pt"})
 
-    def load(self, directory: str | Path) -> None:
-        path = Path(directory) / EMA_FILE
+    def save_rank_buffers(self, directory: str | Path, rank: int) -> None:
+        """A rank other than the main one saves its own floating-point buffers: each rank's BatchNorm statistics
+        follow its own batches (DDP broadcasts only the live model's), so the main file alone would resume this
+        rank with the main rank's averages, and the next validation's averaged statistics would differ."""
+        state = {name: tensor.detach().cpu().contiguous() for name, tensor in self.module.named_buffers()
+                 if tensor.is_floating_point()}
+        if state:
+            path = Path(directory) / EMA_RANK_FILE.format(rank=rank)
+            save_file(state, str(path), metadata={"format": "pt"})
+            with open(path, "rb") as handle:  # durable on the node that wrote it, as its RNG state
+                os.fsync(handle.fileno())
+
+    def load(self, directory: str | Path, rank: int = 0) -> None:
+        """The main file, then this rank's own buffers where the checkpoint has them (same world size)."""
+        self._load(Path(directory) / EMA_FILE, strict=True)
+        own = Path(directory) / EMA_RANK_FILE.format(rank=rank)
+        if rank > 0 and own.is_file():
+            self._load(own, strict=False)
+
+    def _load(self, path: Path, strict: bool) -> None:
         if not path.is_file():  # resume_check refuses a config that turned EMA on since: this checkpoint lost it
             raise CheckpointError(f"{path}: missing; the run keeps an EMA (train.ema_decay) but this checkpoint "
                                   "has none")
         try:
-            self.module.load_state_dict(load_file(str(path), device="cpu"))
+            state = load_file(str(path), device="cpu")
+            unexpected = set(state) - set(self.module.state_dict())
+            if unexpected:
+                raise KeyError(f"unexpected {sorted(unexpected)[0]}")
+            self.module.load_state_dict(state, strict=strict)
         except Exception as err:  # noqa: BLE001 - a foreign or truncated file
             raise CheckpointError(f"{path}: cannot be loaded as this run's EMA weights "
                                   f"({type(err).__name__}: {str(err).splitlines()[0][:200]})") from None
@@ -64,9 +87,12 @@ def attach_ema(accelerator, model: torch.nn.Module, decay: float | None) -> Weig
     def save_hook(models, weights, output_dir):
         if accelerator.is_main_process:
             ema.save(output_dir)
+        else:
+            Path(output_dir).mkdir(parents=True, exist_ok=True)  # the main process may not have made it yet
+            ema.save_rank_buffers(output_dir, accelerator.process_index)
 
     def load_hook(models, input_dir):
-        ema.load(input_dir)
+        ema.load(input_dir, accelerator.process_index)
 
     accelerator.register_save_state_pre_hook(save_hook)
     accelerator.register_load_state_pre_hook(load_hook)

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from accelerate.utils import broadcast_object_list, set_seed
 
-from cityseg import checkpoint, resume_check
+from cityseg import checkpoint, resume_check, run_lock
 from cityseg.config import save_config
 from cityseg.data.cityscapes import skipped_samples
 from cityseg.data.device_augment import augment_with_theta
@@ -111,6 +111,7 @@ def setup(cfg) -> Run:
     val_set = eval_dataset(cfg)
     check_batch_share(cfg.data.batch_size, len(train_set), world)
     check_output_dir(output_dir, create=True)  # the cheap preflight passed: only now write into output_dir
+    run_lock.hold(output_dir, accelerator)  # before anything is written: a second run on it stops here
 
     model = prepare_model(cfg, accelerator, len(names))
     optimizer = build_optimizer(model, cfg.optim)
@@ -164,7 +165,7 @@ def restore(run: Run, steps_per_epoch: int) -> None:
             run.console.print(f"resume: allowed change {change}")
         saved = resume_check.upgrade_trainer_state(checkpoint.read_trainer_state(start_from))
         run.state.update(checkpoint.adapt_position(saved, start_from, shape, steps_per_epoch, run.total_steps,
-                                                   run.console.print))
+                                                   run.console.print, len(run.train_set)))
         try:  # weights, optimizer, scaler, RNG (torch.load weights_only=True)
             accelerator.load_state(str(start_from))
         except Exception as err:  # noqa: BLE001 - name the checkpoint instead of a deep accelerate traceback
@@ -182,7 +183,15 @@ def restore(run: Run, steps_per_epoch: int) -> None:
 def train(cfg) -> int:
     """Train per the config; returns the process exit code (0 done, EXIT_REQUEUE after a preemption save)."""
     stop = StopFlag()
-    stop.install(cfg.train.preempt_signals)  # first: a signal during setup must not kill the process
+    try:
+        stop.install(cfg.train.preempt_signals)  # first: a signal during setup must not kill the process
+        return train_loop(cfg, stop)
+    finally:  # an in-process caller (a notebook, the tests) gets its signal handlers and the output_dir back
+        stop.uninstall()
+        run_lock.release(cfg.output_dir)
+
+
+def train_loop(cfg, stop: StopFlag) -> int:
     run = setup(cfg)
     run.console.start(run.state["step"])
     while run.state["step"] < run.total_steps and (cfg.train.epochs is None

@@ -27,6 +27,7 @@ class StopFlag:
         self.received: str | None = None
         self.owner = os.getpid()
         self.first_sigint = 0.0
+        self.previous: dict[signal.Signals, object] = {}  # the handlers install() replaced
 
     def install(self, signal_names: list[str]) -> None:
         """Handle the preemption signals and Ctrl-C: finish the step, checkpoint, exit. A second Ctrl-C aborts."""
@@ -35,7 +36,14 @@ class StopFlag:
             if not isinstance(signum, signal.Signals) or signum in (signal.SIGKILL, signal.SIGSTOP):
                 raise ConfigError(f"train.preempt_signals: {name!r} is not a signal a process can catch "
                                   "(e.g. SIGUSR1, SIGTERM)")
+            self.previous.setdefault(signum, signal.getsignal(signum))
             signal.signal(signum, self._handle)
+
+    def uninstall(self) -> None:
+        """Put back the handlers install() replaced: an in-process caller (a notebook, the tests) keeps its own."""
+        for signum, handler in self.previous.items():
+            signal.signal(signum, signal.SIG_DFL if handler is None else handler)  # None: set outside Python
+        self.previous = {}
 
     def _handle(self, signum, frame) -> None:
         # DataLoader workers are forked after install and inherit this handler: there it does nothing, so a

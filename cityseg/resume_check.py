@@ -10,7 +10,7 @@ from cityseg.config import Config, ConfigError, to_dict
 # Keys (or whole sections, ending in ".") that do not change what is trained: how it is run, logged, evaluated,
 # saved and tracked. Any key not matched here or below refuses a resume, so a key added later is safe by default.
 ALLOWED = (
-    "name", "output_dir", "data.num_workers", "data.val_batch_size", "data.val_split", "data.on_bad_sample",
+    "name", "output_dir", "data.root", "data.num_workers", "data.val_batch_size", "data.val_split", "data.on_bad_sample",
     "data.cache.dir", "train.resume", "train.preempt_signals", "train.channels_last", "train.compile",
     "train.log_every", "train.eval_every_epochs", "train.eval_every_steps", "train.on_nan", "checkpoint.", "eval.", "dist.", "tracking.",
 )
@@ -18,7 +18,9 @@ ALLOWED = (
 EXTENDABLE = ("train.epochs", "train.max_steps")
 # Run shape: checkpoint.adapt_position decides (an end-of-epoch checkpoint carries over, a mid-epoch one refuses).
 RUN_SHAPE = ("data.batch_size", "train.grad_accum")
-# The rest — model, loss, optim, seed, data (root, splits, sizes, augmentation, label scheme), precision — refuse.
+# data.root: the dataset moved (another mount, a node-local copy); checkpoint.adapt_position refuses a training set
+# too small for the saved position. The rest — model, loss, optim, seed, data (splits, sizes, augmentation, label
+# scheme), precision — refuse.
 
 
 class ResumeRefused(ConfigError):

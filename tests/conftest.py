@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -12,6 +13,35 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
+
+
+GPU_NOTICE = ("{n} CUDA test(s) (marker gpu) deselected: CI machines have no GPU; on a GPU machine run "
+              "`bash tests/run.sh -m gpu` (the GPU path is measured by bench/gpu_proof.sh)")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA GPU; deselected unless -m selects it, and then it fails "
+                                       "(never skips) where there is no GPU")
+
+
+def pytest_collection_modifyitems(config, items):
+    """The gpu tests are deselected, loudly, unless a -m expression names them (`-m gpu`): then a selected gpu test
+    without CUDA fails (under CI a capability that cannot run fails; it never skips)."""
+    if "gpu" in (config.getoption("markexpr") or ""):
+        return
+    gpu = [item for item in items if item.get_closest_marker("gpu")]
+    if gpu:
+        items[:] = [item for item in items if not item.get_closest_marker("gpu")]
+        config.hook.pytest_deselected(items=gpu)
+        config.stash[GPU_DESELECTED] = len(gpu)
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    if config.stash.get(GPU_DESELECTED, 0):
+        terminalreporter.write_line(GPU_NOTICE.format(n=config.stash[GPU_DESELECTED]), yellow=True)
+
+
+GPU_DESELECTED = pytest.StashKey[int]()
 
 
 def child_env(**extra: str) -> dict:
@@ -70,6 +100,22 @@ def fresh_accelerate_state():
 
         AcceleratorState._reset_state(reset_partial_state=True)
         GradientState._reset_state()
+
+
+@pytest.fixture(autouse=True)
+def signal_handlers_unchanged():
+    """Code run in this process (cityseg_main(["train", ...]) installs the stop handlers) gives back the handlers
+    it found: a test must not leave SIGINT/SIGTERM/SIGUSR1 rewired for the tests after it."""
+    # not SIGCHLD: torch's DataLoader installs its worker-death handler once per process, on purpose
+    watched = [signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGHUP, signal.SIGQUIT,
+               signal.SIGALRM, signal.SIGPIPE]
+    before = {signum: signal.getsignal(signum) for signum in watched}
+    yield
+    changed = [signum.name for signum, handler in before.items() if signal.getsignal(signum) != handler]
+    for signum, handler in before.items():  # the next test starts clean whatever this one left
+        if handler is not None:
+            signal.signal(signum, handler)
+    assert not changed, f"signal handlers left changed by the test: {', '.join(changed)}"
 
 
 def read_jsonl(path: Path) -> list[dict]:

@@ -29,6 +29,10 @@ def test_seed_config_is_the_blog_recipe():
     ("train.mixed_precision=fp8", "train.mixed_precision: 'fp8' is not one of no, fp16, bf16"),
     ("data.image_size=[64]", "data.image_size: expected two positive numbers [H, W], got [64]"),
     ("train.epochs", "expected key=value"),
+    # YAML reads true/false as bool, and bool is a subclass of int in Python: refused, not trained as 1 / 0
+    ("data.batch_size=true", "data.batch_size: expected int, got bool True"),
+    ("train.epochs=false", "train.epochs: expected int, got bool False"),
+    ("optim.lr=true", "optim.lr: expected float, got bool True"),
 ])
 def test_override_errors_name_the_key(override, message):
     with pytest.raises(ConfigError) as err:
@@ -52,3 +56,14 @@ def test_cli_errors_are_one_line_exit_2_no_traceback(tmp_path):
         assert result.returncode == 2, result.stderr
         assert message in result.stderr
         assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_a_bool_for_an_int_key_in_yaml_is_one_line_naming_the_key(tmp_path, capsys):
+    from cityseg.cli import main as cityseg_main
+
+    config = tmp_path / "bool.yaml"
+    config.write_text("name: x\ndata:\n  batch_size: true\n")
+    code = cityseg_main(["config", "--config", str(config)])
+    assert code == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"error: {config}: data.batch_size: expected int, got bool True"]

@@ -76,3 +76,46 @@ def test_a_checkpoint_that_lost_its_ema_is_refused_naming_the_file(synth_root, t
     assert result.returncode != 0
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and "ema.safetensors" in last, result.stderr[-2000:]
+
+
+def test_ema_is_updated_once_per_optimizer_step_under_gradient_accumulation(synth_root, tmp_path):
+    """grad_accum 2: 8 micro-batches make 4 optimizer steps. Every checkpoint's EMA is the previous one moved once
+    towards that step's weights and BatchNorm statistics: ema_k = d_k * ema_(k-1) + (1 - d_k) * w_k, with
+    d_k = min(decay, (1 + k) / (10 + k)); an update per micro-batch would move it twice, the first time towards
+    the weights before the optimizer step."""
+    out = tmp_path / "run"
+    train(synth_root, out, "data.batch_size=2", "train.grad_accum=2", "checkpoint.every_steps=1")
+    steps = [int(p.name.split("_")[1]) for p in sorted((out / "checkpoints").glob("step_*"))]
+    assert steps == [1, 2, 3, 4], steps
+    ckpt = [out / "checkpoints" / f"step_{k:08d}" for k in range(5)]
+    for k in (2, 3, 4):
+        previous, ema = load_file(str(ckpt[k - 1] / "ema.safetensors")), load_file(str(ckpt[k] / "ema.safetensors"))
+        weights = load_file(str(ckpt[k] / "model.safetensors"))
+        decay = min(0.8, (1 + k) / (10 + k))
+        moved = 0
+        for name, value in ema.items():
+            if not value.is_floating_point():
+                assert torch.equal(value, weights[name]), name  # counters are copied
+                continue
+            expected = decay * previous[name] + (1 - decay) * weights[name]
+            assert torch.allclose(value, expected, rtol=1e-5, atol=1e-7), (k, name)
+            moved += not torch.equal(value, previous[name])
+        assert moved > 0, k
+
+
+@pytest.mark.slow
+def test_two_ranks_resumed_mid_epoch_end_with_the_uninterrupted_runs_ema(synth_root, tmp_path):
+    """Each rank's EMA follows its own BatchNorm statistics, and validation averages them over the ranks: a resume
+    must give every rank back its own (not the main rank's), or the averaged statistics drift from the straight
+    run's. 2 epochs of 4 steps, resumed at step 6 (mid-epoch, after the first validation's averaging)."""
+    from tests.checkpoint.harness import assert_exit, final_weights, train as train_ranks
+
+    run_shape = dict(data__batch_size=2, train__epochs=2, train__ema_decay=0.8, checkpoint__every_steps=1,
+                     checkpoint__keep_last=10, optim__lr=0.01)
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert_exit(train_ranks(synth_root, straight, processes=2, **run_shape), 0)
+    step6 = straight / "checkpoints" / "step_00000006"
+    assert (step6 / "ema_buffers_1.safetensors").is_file()
+    assert_exit(train_ranks(synth_root, resumed, processes=2, train__resume=step6, **run_shape), 0)
+    a, b = final_weights(straight), final_weights(resumed)  # the exported EMA, BatchNorm statistics included
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []

@@ -29,3 +29,25 @@ def test_an_unreadable_weights_file_is_one_line(tmp_path):
     cfg.model.encoder_weights = str(tmp_path / "bad.pth")
     with pytest.raises(ModelError, match="model.encoder_weights: cannot read .*bad.pth"):
         build_model(cfg.model, 19)
+
+
+class CodeOnLoad:
+    """A pickle that runs a command when loaded (what a hostile .pth / optimizer.bin would carry)."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_weights_file_whose_pickle_runs_code_is_refused_without_running_it(tmp_path):
+    cfg = load_config("configs/seed_unet_mobilenetv3.yaml")
+    marker = tmp_path / "payload_ran"
+    torch.save({"conv.weight": torch.zeros(1), "hook": CodeOnLoad(marker)}, tmp_path / "hostile.pth")
+    cfg.model.encoder_weights = str(tmp_path / "hostile.pth")
+    with pytest.raises(ModelError, match=r"model.encoder_weights: cannot read .*hostile.pth: UnpicklingError") as err:
+        build_model(cfg.model, 19)
+    assert not marker.exists()

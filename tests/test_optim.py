@@ -71,3 +71,29 @@ def test_iteration_based_schedule_evaluates_and_checkpoints_every_n_steps(synth_
     assert steps == ["step_00000004", "step_00000005", "step_00000008", "step_00000010"], steps
     assert (out / "checkpoints" / "best").is_dir()
     assert math.isfinite(read_jsonl(out / "metrics.jsonl")[-1]["mIoU"])
+
+
+def test_warmup_and_poly_values_by_hand():
+    """lr * (step + 1) / warmup for step < warmup, then lr * (1 - (step - warmup) / (total - warmup)) ** power."""
+    from cityseg.optim import lr_at
+
+    cfg = OptimConfig(lr=0.01, warmup_steps=4, poly_power=2.0)
+    got = [lr_at(step, 8, cfg) for step in range(9)]
+    assert got == pytest.approx([0.0025, 0.005, 0.0075, 0.01, 0.01, 0.005625, 0.0025, 0.000625, 0.0], rel=1e-12)
+    default_power = OptimConfig(lr=0.01, warmup_steps=3)  # poly_power 0.9: 0.01 * 0.8 ** 0.9 at step 4 of 8
+    assert lr_at(4, 8, default_power) == pytest.approx(0.008180521460508584, rel=1e-12)
+    constant = OptimConfig(lr=0.01, warmup_steps=2, schedule="constant")
+    assert [lr_at(step, 8, constant) for step in range(4)] == pytest.approx([0.005, 0.01, 0.01, 0.01], rel=1e-12)
+
+
+def test_the_lr_logged_by_a_real_run_is_the_schedule_by_hand(synth_root, tmp_path):
+    """2 epochs of 4 steps; the record of step s (counted from 1) carries the LR its update used, lr_at(s - 1)."""
+    out = tmp_path / "run"
+    result = run([PYTHON, "train.py", "--config", "configs/demo.yaml",
+                  *tiny_overrides(synth_root, out, train__epochs=2, optim__lr=0.01, optim__poly_power=2.0,
+                                  optim__warmup_steps=4)])
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = read_jsonl(out / "train_log.jsonl")
+    assert [r["step"] for r in records] == list(range(1, 9))
+    assert [r["lr"] for r in records] == pytest.approx([0.0025, 0.005, 0.0075, 0.01, 0.01, 0.005625, 0.0025,
+                                                        0.000625], rel=1e-12)

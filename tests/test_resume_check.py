@@ -101,3 +101,35 @@ def test_changed_run_refuses_to_resume_and_allowed_changes_are_logged(synth_root
     assert "Error(s) in loading state_dict" not in other.stderr + other.stdout
     assert "records no config.yaml: the config was not compared" in other.stdout
 
+
+
+def test_moved_data_root_resumes_exactly_and_a_shrunk_training_set_is_one_line(synth_root, tmp_path):
+    """data.root may change on resume (the dataset moved: another mount, a node-local copy), logged; a training set
+    now smaller than the samples the checkpoint already trained of its epoch is refused in one line."""
+    from safetensors.torch import load_file
+
+    from cityseg.data.synthetic import write_synthetic
+
+    straight = tmp_path / "straight"  # 16 images / batch 4: checkpoints at steps 2 and 4
+    first = cityseg("train", *CONFIG, *tiny_overrides(synth_root, straight, checkpoint__every_steps=2,
+                                                      checkpoint__keep_last=4))
+    assert first.returncode == 0, first.stderr[-3000:]
+    step2 = straight / "checkpoints" / "step_00000002"
+
+    moved = shutil.copytree(synth_root, tmp_path / "moved")
+    resumed = cityseg("train", *CONFIG, *tiny_overrides(moved, tmp_path / "resumed", checkpoint__every_steps=2,
+                                                        checkpoint__keep_last=4), f"train.resume={step2}")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resume: allowed change data.root '{synth_root}' -> '{moved}'" in resumed.stdout
+    a, b = load_file(str(straight / "model.safetensors")), load_file(str(tmp_path / "resumed" / "model.safetensors"))
+    assert all(a[k].equal(b[k]) for k in a)
+
+    shrunk = tmp_path / "shrunk"
+    write_synthetic(shrunk, n_train=4, n_val=7, height=64, width=128, seed=0)
+    refused = cityseg("train", *CONFIG, *tiny_overrides(shrunk, tmp_path / "refused", checkpoint__every_steps=2,
+                                                        checkpoint__keep_last=4), f"train.resume={step2}")
+    assert refused.returncode == 1, refused.stderr[-3000:]
+    assert refused.stderr.strip().splitlines() == [
+        f"error: {step2}: was saved after 8 samples of epoch 1, but the training set now has 4: point data.root at "
+        "the data the run trained on, or start a new run (output_dir=<new dir>)"]
+    assert not (tmp_path / "refused" / "train_log.jsonl").exists()

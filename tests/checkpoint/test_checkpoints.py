@@ -100,3 +100,43 @@ def test_config_and_directory_mistakes_are_one_line_errors(synth_root, kept_run,
     assert_exit(bad_signal, 2)
     assert bad_signal.stderr.strip().splitlines() == [
         "error: train.preempt_signals: 'SIGKILL' is not a signal a process can catch (e.g. SIGUSR1, SIGTERM)"]
+
+
+class CodeOnLoad:
+    """A pickle that runs a command when loaded: what a hostile optimizer.bin / random_states file would carry."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"touch {self.marker}",)
+
+
+@pytest.mark.parametrize("target, message", [
+    ("optimizer.bin", "{ckpt}: cannot be loaded into this run's model/optimizer (UnpicklingError: Weights only load "
+                      "failed"),
+    # accelerate would skip an unloadable RNG file silently (and resume inexactly): verify() refuses it first
+    ("random_states_0.pkl", "{ckpt}/random_states_0.pkl: unreadable (UnpicklingError: Weights only load failed"),
+])
+def test_a_checkpoint_whose_pickle_runs_code_is_refused_without_running_it(synth_root, kept_run, tmp_path, target,
+                                                                           message):
+    """torch.load(weights_only=True) only: the payload is refused, never executed, and the run stops in one line
+    naming the checkpoint (the file sizes match the record: only the unpickler can tell)."""
+    import torch
+
+    from cityseg.checkpoint import TRAINER_STATE, write_json_atomic
+
+    newest, marker = kept_run / "checkpoints" / "step_00000008", tmp_path / "payload_ran"
+    torch.save({"state": {}, "param_groups": [], "hook": CodeOnLoad(marker)}, newest / target)
+    state = trainer_state(newest)
+    state["files"][target] = (newest / target).stat().st_size
+    write_json_atomic(newest / TRAINER_STATE, state)
+
+    result = train(synth_root, tmp_path / "resumed", train__resume=newest, **KEPT)
+    assert_exit(result, 1)
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("error: " + message.format(ckpt=newest)), line
+    assert not marker.exists()
+    assert not (tmp_path / "resumed" / "train_log.jsonl").exists()

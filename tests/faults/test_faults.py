@@ -2,10 +2,12 @@
 import json
 import math
 import os
+import queue
 import re
 import resource
 import signal
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -34,23 +36,43 @@ def worker_pids(launcher_pid: int) -> dict[str, int]:
     return found
 
 
-def launch_until(lines_wanted: str, cmd: list[str], act) -> tuple[str, float]:
-    """Start a launcher in its own process group; call act(proc) when a line starts with lines_wanted."""
+def launch_until(lines_wanted: str, cmd: list[str], act, timeout: float = 300) -> tuple[str, float]:
+    """Start a launcher in its own process group; call act(proc) when a line starts with lines_wanted. Its output is
+    read by a thread, so neither the wait for that line nor the wait for the exit after it can outlast `timeout`:
+    the test fails naming what it waited for."""
     proc = subprocess.Popen([str(c) for c in cmd], cwd=REPO, env=child_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    output, acted_at = [], None
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: [*map(lines.put, proc.stdout), lines.put(None)], daemon=True).start()
+    output, acted_at, deadline = [], None, time.monotonic() + timeout
     try:
-        for line in proc.stdout:
+        while (line := _next_line(lines, deadline, output, lines_wanted if acted_at is None else None)) is not None:
             output.append(line)
             if acted_at is None and line.startswith(lines_wanted):
                 act(proc)
                 acted_at = time.monotonic()
-        proc.wait(timeout=300)
+        proc.wait(timeout=max(1.0, deadline - time.monotonic()))
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     assert acted_at is not None, "".join(output)[-3000:]
     return "".join(output), time.monotonic() - acted_at
+
+
+def _next_line(lines: queue.Queue, deadline: float, output: list[str], wanted: str | None) -> str | None:
+    try:
+        return lines.get(timeout=max(0.0, deadline - time.monotonic()))
+    except queue.Empty:
+        what = f"a line starting {wanted!r}" if wanted else "the launcher to exit after the action"
+        raise AssertionError(f"timed out waiting for {what}\n{''.join(output)[-3000:]}") from None
+
+
+def test_launch_until_gives_up_at_its_deadline_naming_what_it_waited_for():
+    started = time.monotonic()
+    with pytest.raises(AssertionError, match="timed out waiting for a line starting 'step 3/'"):
+        launch_until("step 3/", [PYTHON, "-c", "print('silent from now on', flush=True); import time; "
+                                 "time.sleep(120)"], lambda proc: None, timeout=3)
+    assert time.monotonic() - started < 30
 
 
 @pytest.mark.slow
@@ -142,8 +164,11 @@ def test_nan_skip_leaves_weights_and_optimizer_as_if_the_batch_never_came(tmp_pa
                   *tiny_overrides(root, out, train__max_steps=5, **NAN_RUN)])
     assert result.returncode == 0, result.stderr[-3000:]
     assert "warning: 1 step(s) skipped for a NaN/Inf loss (train.on_nan=skip)" in result.stdout, result.stdout
-    losses = {r["step"]: r["loss"] for r in read_jsonl(out / "train_log.jsonl")}
+    records = read_jsonl(out / "train_log.jsonl")
+    losses = {r["step"]: r["loss"] for r in records}
     assert list(losses) == [1, 2, 3, 4, 5] and math.isnan(losses[3])  # the injected batch is at step 3
+    # counted as a NaN skip from step 3 on, never as a loss-scaler skip (no scaler without fp16)
+    assert [(r["nan_skipped"], r["scaler_skipped"]) for r in records] == [(0, 0), (0, 0), (1, 0), (1, 0), (1, 0)]
     assert all(math.isfinite(losses[step]) for step in (1, 2, 4, 5)), losses
 
     states = {step: trained_state(checkpoint.step_dir(out, step)) for step in range(1, 6)}

@@ -1,5 +1,5 @@
-"""On a CUDA machine only (skipped elsewhere): every precision's steady-state step makes no host sync, through the
-same child process the GPU proof uses."""
+"""On a CUDA machine (marker gpu: deselected by default, `bash tests/run.sh -m gpu` runs them and they fail without
+a GPU): every precision's steady-state step makes no host sync, through the same child process the GPU proof uses."""
 import json
 
 import pytest
@@ -9,7 +9,12 @@ import yaml
 from cityseg.gpu_proof import QUICK, STEP_VARIANTS, proof_config
 from tests.conftest import PYTHON, child_env, run
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+pytestmark = pytest.mark.gpu
+
+
+@pytest.fixture(autouse=True)
+def cuda_present():
+    assert torch.cuda.is_available(), "marker gpu selected on a machine without a CUDA GPU (torch.cuda.is_available())"
 
 
 @pytest.mark.parametrize("variant", [name for name, (_, _, compiled) in STEP_VARIANTS.items() if not compiled])

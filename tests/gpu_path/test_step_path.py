@@ -30,6 +30,17 @@ def test_nan_batch_skips_the_update_exactly_on_one_process():
     assert np.isfinite(rank["loss"]) and np.isfinite(rank["grad_norm"]), rank  # means over the finite steps
 
 
+def test_fp16_scaler_overflow_and_nan_loss_are_counted_apart():
+    """fp16 with a real GradScaler on the CPU (see the probe for why `cityseg train` cannot): an overflow of the
+    scaled gradients is the scaler's skip, a NaN loss the NaN skip; neither updates the weights."""
+    (rank,) = probe_ranks(run([PYTHON, "tests/gpu_path/fp16_step_probe.py"]))
+    assert rank["dtypes"] == ["torch.float16"], rank  # the convolution ran in fp16 under autocast
+    assert rank["changed"] == [False, False, True, False, True], rank
+    assert rank["scales"][:3] == [2.0**60, 2.0**35, 2.0**10], rank  # the scaler itself found the overflows
+    assert (rank["scaler_skipped"], rank["nan_skipped"], rank["first_nan_step"]) == (2, 1, 3), rank
+    assert np.isfinite(rank["loss"]) and np.isfinite(rank["grad_norm"]), rank  # means over the applied steps
+
+
 @pytest.mark.slow
 def test_nan_on_one_rank_skips_the_update_on_every_rank():
     ranks = probe_ranks(run(launch_cmd(2, "tests/gpu_path/nan_step_probe.py")))
