@@ -81,7 +81,8 @@ def step_child(cfg_path: str, variant: str, steps: int, warmup: int) -> dict:
 
     precision, channels_last, compiled = STEP_VARIANTS[variant]
     cfg = load_config(cfg_path, [f"train.mixed_precision='{precision}'"])  # quoted: YAML reads no as false
-    built = build_step(cfg, cfg.data.batch_size, channels_last, "default" if compiled else None)
+    built = build_step(cfg, cfg.data.batch_size, channels_last, "default" if compiled else None,
+                       compile_loss=compiled)  # train.compile covers the loss too
     step, stats, device, flops = built["step"], built["stats"], built["device"], built["flops"]
     started = time.perf_counter()
     for _ in range(warmup):
