@@ -175,8 +175,7 @@ def _step_child(cfg_tree, precision, threads, batch, steps, repeats, rank, world
         train_step(accelerator, model, optimizer, loss_fn, images, masks, cfg.optim.lr, cfg.optim.grad_clip, stats, 0)
 
     def bare_step():
-        logits = bare_model(images)
-        loss = loss_fn(logits.float(), masks.long())
+        loss = loss_fn(bare_model(images), masks.long())  # the loss casts to float32
         loss.backward()
         bare_optimizer.step()
         bare_optimizer.zero_grad(set_to_none=True)

@@ -47,10 +47,30 @@ class OhemCELoss(torch.nn.Module):
         return pixel_loss[valid][kept].mean()
 
 
+class OutputLoss(torch.nn.Module):
+    """The loss of a model's output, in float32 whatever the autocast dtype: the logits, or (main, aux) from a
+    model with model.aux_head, then loss(main) + aux_weight x loss(aux) (mmseg's auxiliary head, weight 0.4)."""
+
+    def __init__(self, loss: torch.nn.Module, aux_weight: float):
+        super().__init__()
+        self.loss, self.aux_weight = loss, aux_weight
+
+    def forward(self, output, target: torch.Tensor) -> torch.Tensor:
+        if isinstance(output, tuple):
+            main, aux = output
+            return self.loss(main.float(), target) + self.aux_weight * self.loss(aux.float(), target)
+        return self.loss(output.float(), target)
+
+
 def build_loss(loss_cfg, num_classes: int = 19) -> torch.nn.Module:
-    """The loss named by loss.name (a LossConfig, or just the name: the options' defaults then apply)."""
+    """The loss named by loss.name (a LossConfig, or just the name: the options' defaults then apply), taking the
+    model's output as it comes (OutputLoss)."""
     if isinstance(loss_cfg, str):
         loss_cfg = LossConfig(name=loss_cfg)
+    return OutputLoss(pixel_loss(loss_cfg, num_classes), loss_cfg.aux_weight)
+
+
+def pixel_loss(loss_cfg, num_classes: int) -> torch.nn.Module:
     name = loss_cfg.name
     if name == "dice":
         return DiceLoss(mode="multiclass", ignore_index=IGNORE_INDEX)

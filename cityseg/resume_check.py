@@ -5,7 +5,7 @@ from pathlib import Path
 
 import yaml
 
-from cityseg.config import Config, ConfigError, to_dict
+from cityseg.config import Config, ConfigError, to_dict, upgrade_recorded
 
 # Keys (or whole sections, ending in ".") that do not change what is trained: how it is run, logged, evaluated,
 # saved and tracked. Any key not matched here or below refuses a resume, so a key added later is safe by default.
@@ -69,7 +69,7 @@ def saved_config(checkpoint_dir: Path) -> tuple[dict | None, Path | None]:
                 tree = yaml.safe_load(path.read_text())
             except (OSError, yaml.YAMLError) as err:
                 raise ConfigError(f"{path}: cannot read the run's recorded config ({err})") from None
-            return (tree if isinstance(tree, dict) else {}), path
+            return upgrade_recorded(tree if isinstance(tree, dict) else {}), path
     return None, None
 
 

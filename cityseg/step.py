@@ -114,7 +114,7 @@ def train_step(accelerator, model, optimizer, loss_fn, images, masks, lr: float,
     with accelerator.accumulate(model):
         with accelerator.autocast():
             logits = model(images)
-            loss = loss_fn(logits.float(), masks.long())
+            loss = loss_fn(logits, masks.long())  # the loss casts to float32 (and adds an aux head's)
         stats.add_micro_batch(loss.detach())
         accelerator.backward(loss)
         if accelerator.sync_gradients:
