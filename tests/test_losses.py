@@ -1,4 +1,5 @@
-"""OHEM cross-entropy and class-weighted cross-entropy against hand-computed values; both ignore 255."""
+"""OHEM cross-entropy, class-weighted cross-entropy and the auxiliary-head sum against hand-computed values; all ignore
+255."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -56,3 +57,16 @@ def test_weighted_ce_refuses_a_wrong_number_of_weights():
         build_loss(LossConfig(name="weighted_ce", class_weights=[1.0, 2.0, 3.0]), 19)
     with pytest.raises(ConfigError, match="loss.class_weights"):
         build_loss(LossConfig(name="weighted_ce"), 20)
+
+
+def test_aux_head_output_adds_its_loss_at_weight_0_4_in_float32():
+    logits, target = batch()
+    aux = torch.randn_like(logits)
+    ce = build_loss(LossConfig(name="ce"))
+    expected = F.cross_entropy(logits, target, ignore_index=255) + 0.4 * F.cross_entropy(aux, target, ignore_index=255)
+    assert ce((logits, aux), target).item() == pytest.approx(expected.item(), rel=1e-6)
+    assert ce(logits, target).item() == pytest.approx(F.cross_entropy(logits, target, ignore_index=255).item())
+    half = ce((logits.bfloat16(), aux.bfloat16()), target)  # autocast output: the loss casts to float32 itself
+    assert half.dtype == torch.float32 and half.item() == pytest.approx(expected.item(), rel=2e-2)
+    assert build_loss(LossConfig(name="ce", aux_weight=1.0))((logits, aux), target).item() == pytest.approx(
+        (F.cross_entropy(logits, target, ignore_index=255) + F.cross_entropy(aux, target, ignore_index=255)).item())

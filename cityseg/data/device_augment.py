@@ -23,6 +23,8 @@ def sample_params(data_cfg, seed: int, epoch: int, index: int) -> tuple[float, f
     top = rng.integers(0, scaled_h - crop_h + 1) if scaled_h >= crop_h else 0
     left = rng.integers(0, scaled_w - crop_w + 1) if scaled_w >= crop_w else 0
     flip = bool(data_cfg.hflip and rng.random() < 0.5)
+    if flip and scaled_w < crop_w:  # the window mirrored: the image still starts at the left, padding at the right
+        left = scaled_w - crop_w
     return scale, float(top), float(left), flip
 
 
