@@ -17,8 +17,7 @@ from cityseg.model_names import ARCHITECTURES, SMP_ENCODERS, TIMM_MODELS
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # keys cityseg no longer reads: a config naming one is told what replaced it; a run's recorded config drops them
-RETIRED = {"train.reference_world_size": "replaced by train.reference_global_batch (the recipe's data.batch_size x "
-                                         "processes x train.grad_accum) and optim.lr_scaling"}
+RETIRED = {"train.reference_world_size": "replaced by train.reference_global_batch and optim.lr_scaling"}
 
 
 class ConfigError(ValueError):
@@ -243,6 +242,8 @@ def _field_value(fields: dict, hints: dict, key: str, value, prefix: str):
             raise ConfigError(f"{dotted}: {value} is above the maximum {bounds['high']}")
     if dotted in PAIR_KEYS and value is not None and (len(value) != 2 or min(value) <= 0):
         raise ConfigError(f"{dotted}: expected two positive numbers [H, W], got {value}")
+    if dotted in ("data.mean", "data.std") and value is not None and (len(value) != 3 or min(value) <= 0):
+        raise ConfigError(f"{dotted}: expected three positive RGB values in [0, 1] units, got {value}")
     return value
 
 
@@ -321,8 +322,7 @@ def _source(key: str | None, override_keys: dict, path) -> str:
 
 
 def upgrade_recorded(tree: dict) -> dict:
-    """A run's recorded config.yaml from an older cityseg: retired keys dropped, and the normalization it trained
-    with (ImageNet mean / std, before data.mean / data.std existed) written out."""
+    """A run's config.yaml from an older cityseg: retired keys dropped, the ImageNet mean / std it trained with."""
     for dotted in RETIRED:
         section, _, leaf = dotted.rpartition(".")
         if isinstance(tree.get(section), dict):
@@ -337,8 +337,7 @@ def load_config(path: str | Path | None, overrides: list[str] = (), recorded: bo
     """Read the YAML (if any), apply key=value overrides, validate, and fill output_dir. An error names the file,
     or the command line override the bad key came from. recorded: the file is a run's config.yaml (upgraded)."""
     tree = read_yaml(path) if path is not None else {}
-    if recorded:
-        tree = upgrade_recorded(tree)
+    tree = upgrade_recorded(tree) if recorded else tree
     override_keys = {}
     for text in overrides:
         key, value = parse_override(text)
@@ -365,10 +364,6 @@ def _check_config(config: Config) -> None:
             raise ConfigError(f"train.preempt_signals: unknown signal {name!r} (e.g. SIGUSR1)", "train.preempt_signals")
     if config.train.epochs is None and config.train.max_steps is None:
         raise ConfigError("train.epochs is null (iteration-based) but train.max_steps is not set", "train.epochs")
-    for key in ("mean", "std"):
-        values = getattr(config.data, key)
-        if values is not None and (len(values) != 3 or (key == "std" and min(values) <= 0)):
-            raise ConfigError(f"data.{key}: expected three RGB values in [0, 1] units, got {values}", f"data.{key}")
     if not config.eval.scales or min(config.eval.scales) <= 0:
         raise ConfigError("eval.scales: expected positive factors, e.g. [0.5, 1.0, 1.5]", "eval.scales")
     _check_model_names(config.model)

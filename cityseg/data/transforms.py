@@ -70,7 +70,7 @@ class CatMaxRatioCrop(A.DualTransform):
         crop_h, crop_w = min(self.height, mask.shape[0]), min(self.width, mask.shape[1])
 
         def draw():
-            return (self.py_random.randint(0, mask.shape[0] - crop_h), self.py_random.randint(0, mask.shape[1] - crop_w))
+            return self.py_random.randint(0, mask.shape[0] - crop_h), self.py_random.randint(0, mask.shape[1] - crop_w)
 
         top, left = draw()
         if self.cat_max_ratio < 1.0:
