@@ -15,10 +15,11 @@ import torch
 
 from cityseg.checkpoint import CheckpointError, load_weights
 from cityseg.config import Config, load_config, run_config_path
-from cityseg.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from cityseg.data.transforms import normalization
 from cityseg.inference import segment_logits, upsampled_argmax
 from cityseg.labels import class_names, colorize, to_label_ids_lut
 from cityseg.model import build_model
+from cityseg.normalization import resolve_normalization
 
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -43,8 +44,9 @@ class Segmenter:
     def __init__(self, model: torch.nn.Module, cfg: Config, device: torch.device):
         self.model, self.cfg, self.device = model.to(device).eval(), cfg, device
         self.class_names = class_names(cfg.data.label_scheme)
-        self._mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1) * 255
-        self._std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1) * 255
+        mean, std = normalization(cfg.data)  # the run's recorded data.mean / data.std
+        self._mean = torch.tensor(mean, device=device).view(1, 3, 1, 1) * 255
+        self._std = torch.tensor(std, device=device).view(1, 3, 1, 1) * 255
 
     @classmethod
     def load(cls, path: str | Path, config: str | Path | None = None, overrides: list[str] = (),
@@ -53,7 +55,9 @@ class Segmenter:
         model.safetensors file. config: default the config.yaml recorded beside the weights. device: default CUDA
         if available, else the CPU."""
         weights = weights_path(path)
-        cfg = load_config(config if config is not None else run_config_path(weights), list(overrides))
+        cfg = load_config(config if config is not None else run_config_path(weights), list(overrides),
+                          recorded=config is None)
+        resolve_normalization(cfg)  # a config given by hand: the encoder's
         model = build_model(cfg.model, len(class_names(cfg.data.label_scheme)))
         load_weights(model, weights)
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))

@@ -163,7 +163,7 @@ def _one_line(err: Exception) -> str:
 
 def _config_for(args) -> object:
     path = args.config if args.config is not None else run_config_path(args.checkpoint)
-    return load_config(path, args.overrides)
+    return load_config(path, args.overrides, recorded=args.config is None)  # a run's: normalization of old runs
 
 
 def run_train(args) -> int:

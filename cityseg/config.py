@@ -14,6 +14,12 @@ import yaml
 from cityseg.model_names import ARCHITECTURES, SMP_ENCODERS, TIMM_MODELS
 
 
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# keys cityseg no longer reads: a config naming one is told what replaced it; a run's recorded config drops them
+RETIRED = {"train.reference_world_size": "replaced by train.reference_global_batch and optim.lr_scaling"}
+
+
 class ConfigError(ValueError):
     """A one-line, user-facing problem with a config file or override (the CLI exits 2 on it)."""
 
@@ -47,6 +53,9 @@ class DataConfig:
     scale_range: list[float] = field(default_factory=lambda: [1.0, 1.0])  # random rescale before crop
     crop_size: Optional[list[int]] = None  # [H, W] random crop after scaling; null = no crop
     photometric: bool = False  # brightness / contrast / saturation / hue jitter (mmseg PhotoMetricDistortion)
+    cat_max_ratio: float = field(default=1.0, metadata=_range(0.0, 1.0))  # crop retried while one class dominates
+    mean: Optional[list[float]] = None  # RGB normalization in [0, 1] units; null = the encoder's pretrained config
+    std: Optional[list[float]] = None  # null = the encoder's pretrained config (recorded in the run's config.yaml)
     on_bad_sample: Literal["error", "skip"] = "error"
     cache: CacheConfig = field(default_factory=CacheConfig)
 
@@ -57,6 +66,11 @@ class ModelConfig:
     encoder: str = "tu-tf_mobilenetv3_small_minimal_100"
     encoder_weights: Optional[str] = None  # null | imagenet (from the local HF cache) | path to a file
     sync_bn: bool = False
+    encoder_output_stride: Optional[int] = None  # smp DeepLabV3/V3+: 8 or 16; null = smp's default
+    decoder_channels: Optional[int] = None  # smp DeepLabV3/V3+ decoder width; null = smp's default
+    decoder_atrous_rates: Optional[list[int]] = None  # smp DeepLabV3/V3+ ASPP dilations; null = smp's default
+    aspp_project_kernel: Literal[1, 3] = 1  # DeepLabV3/V3+ ASPP projection: 1 = smp's, 3 = mmseg's bottleneck
+    aux_head: bool = False  # an FCN head on the encoder's next-to-last stage, trained with loss.aux_weight
 
 
 @dataclass
@@ -65,6 +79,7 @@ class LossConfig:
     ohem_thresh: float = field(default=0.7, metadata=_range(0.0, 1.0))  # ohem_ce: keep pixels with p(true) below
     ohem_min_kept: int = field(default=100000, metadata=_range(1))  # ohem_ce: at least this many pixels per batch
     class_weights: Optional[list[float]] = None  # weighted_ce: one per class; null = the Cityscapes table
+    aux_weight: float = field(default=0.4, metadata=_range(0.0))  # model.aux_head: weight of its loss
 
 
 @dataclass
@@ -73,11 +88,14 @@ class OptimConfig:
     momentum: float = field(default=0.9, metadata=_range(0.0, 1.0))  # sgd
     nesterov: bool = False  # sgd
     no_decay_norm_bias: bool = False  # no weight decay on normalization weights and biases (1-d parameters)
+    no_decay_keys: list[str] = field(default_factory=list)  # no weight decay where the name contains one (mmseg)
     head_lr_mult: float = field(default=1.0, metadata=_range(0.0))  # LR multiplier of everything but the encoder
     lr: float = field(default=1e-3, metadata=_range(0.0))
     weight_decay: float = field(default=0.005, metadata=_range(0.0))
     schedule: Literal["poly", "constant"] = "poly"
     poly_power: float = field(default=0.9, metadata=_range(0.0))
+    min_lr: float = field(default=0.0, metadata=_range(0.0))  # poly decays to this LR (mmseg's eta_min)
+    lr_scaling: Literal["none", "linear", "sqrt"] = "none"  # rescale optim.lr when the global batch differs
     warmup_steps: int = field(default=0, metadata=_range(0))
     grad_clip: Optional[float] = field(default=None, metadata=_range(0.0))
 
@@ -88,7 +106,7 @@ class TrainConfig:
     max_steps: Optional[int] = field(default=None, metadata=_range(1))  # schedule length in optimizer steps
     eval_every_steps: int = field(default=0, metadata=_range(0))  # 0 = evaluate every train.eval_every_epochs
     ema_decay: Optional[float] = field(default=None, metadata=_range(0.0, 1.0))  # EMA of the weights; null = off
-    reference_world_size: Optional[int] = field(default=None, metadata=_range(1))  # the recipe's GPU count
+    reference_global_batch: Optional[int] = field(default=None, metadata=_range(1))  # the recipe's global batch
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     grad_accum: int = field(default=1, metadata=_range(1))
     resume: str = "auto"  # auto | none | <checkpoint dir>
@@ -206,6 +224,8 @@ def _build(cls, values: dict, prefix: str):
 
 def _field_value(fields: dict, hints: dict, key: str, value, prefix: str):
     dotted = f"{prefix}{key}"
+    if dotted in RETIRED:
+        raise ConfigError(f"'{dotted}' was {RETIRED[dotted]}")
     if key not in fields:
         close = difflib.get_close_matches(str(key), list(fields), n=1)
         hint = f" (did you mean '{prefix}{close[0]}'?)" if close else f" (valid: {', '.join(fields)})"
@@ -223,6 +243,8 @@ def _field_value(fields: dict, hints: dict, key: str, value, prefix: str):
             raise ConfigError(f"{dotted}: {value} is above the maximum {bounds['high']}")
     if dotted in PAIR_KEYS and value is not None and (len(value) != 2 or min(value) <= 0):
         raise ConfigError(f"{dotted}: expected two positive numbers [H, W], got {value}")
+    if dotted in ("data.mean", "data.std") and value is not None and (len(value) != 3 or min(value) <= 0):
+        raise ConfigError(f"{dotted}: expected three positive RGB values in [0, 1] units, got {value}")
     return value
 
 
@@ -300,10 +322,23 @@ def _source(key: str | None, override_keys: dict, path) -> str:
     return str(path) if path is not None else "config"
 
 
-def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+def upgrade_recorded(tree: dict) -> dict:
+    """A run's config.yaml from an older cityseg: retired keys dropped, the ImageNet mean / std it trained with."""
+    for dotted in RETIRED:
+        section, _, leaf = dotted.rpartition(".")
+        if isinstance(tree.get(section), dict):
+            tree[section].pop(leaf, None)
+    data = tree.setdefault("data", {})
+    if isinstance(data, dict) and "mean" not in data and "std" not in data:
+        data["mean"], data["std"] = list(IMAGENET_MEAN), list(IMAGENET_STD)
+    return tree
+
+
+def load_config(path: str | Path | None, overrides: list[str] = (), recorded: bool = False) -> Config:
     """Read the YAML (if any), apply key=value overrides, validate, and fill output_dir. An error names the file,
-    or the command line override the bad key came from."""
+    or the command line override the bad key came from. recorded: the file is a run's config.yaml (upgraded)."""
     tree = read_yaml(path) if path is not None else {}
+    tree = upgrade_recorded(tree) if recorded else tree
     override_keys = {}
     for text in overrides:
         key, value = parse_override(text)

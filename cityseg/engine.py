@@ -21,7 +21,8 @@ from cityseg.labels import class_names
 from cityseg.losses import build_loss
 from cityseg.metrics import confusion_over, summarize
 from cityseg.model import average_batchnorm_stats, build_model, convert_sync_batchnorm, unwrap_for_eval
-from cityseg.optim import build_optimizer, lr_at, scaled_lr_factor
+from cityseg.normalization import resolve_normalization
+from cityseg.optim import build_optimizer, lr_at, lr_scaling
 from cityseg.preemption import EXIT_INTERRUPTED, EXIT_REQUEUE, StopFlag, StopVote, mark_step, write_requeue_marker
 from cityseg.preflight import check_batch_share, check_output_dir
 from cityseg.profiling import StepProfiler
@@ -55,7 +56,7 @@ class Run:
     latest: Path | None = None  # the newest checkpoint of this run: its weights become model.safetensors
     last_saved_step: int | None = None
     ema: object = None  # cityseg.ema.WeightEMA when train.ema_decay is set: validated and exported instead
-    lr_scale: float = 1.0  # linear scaling rule when the world size differs from train.reference_world_size
+    lr_scale: float = 1.0  # optim.lr_scaling when the global batch differs from train.reference_global_batch
     loop: dict | None = None  # train_epoch's parts kept across epochs: device counters, stop vote, throughput
 
 
@@ -106,6 +107,7 @@ def setup(cfg) -> Run:
     world = accelerator.num_processes
     output_dir = Path(cfg.output_dir)
     set_seed(cfg.seed)
+    resolve_normalization(cfg)  # data.mean / std null: the encoder's, recorded in config.yaml
     names = class_names(cfg.data.label_scheme)
     train_set = train_dataset(cfg, bad_sample_log=output_dir / "skipped_samples.txt")
     val_set = eval_dataset(cfg)
@@ -137,13 +139,11 @@ def setup(cfg) -> Run:
     loss_fn = build_loss(cfg.loss, len(names)).to(accelerator.device)
     if cfg.train.compile:  # the loss too: its softmax, per-class sums and their backward fuse in its own graph
         loss_fn = torch.compile(loss_fn)
+    lr_scale, lr_note = lr_scaling(cfg, world)
     run = Run(cfg, accelerator, model, optimizer, loader, val_loader, train_set, loss_fn, names, output_dir,
-              total_steps, console, ema=ema, lr_scale=scaled_lr_factor(world, cfg.train.reference_world_size))
-    if run.lr_scale != 1.0:
-        console.print(f"warning: the recipe's optim.lr {cfg.optim.lr:g} is for train.reference_world_size="
-                      f"{cfg.train.reference_world_size} processes; with {world} the global batch is {global_batch}, "
-                      f"so the LR is scaled linearly to {cfg.optim.lr * run.lr_scale:g} (set "
-                      f"train.reference_world_size={world} to use optim.lr as it is)")
+              total_steps, console, ema=ema, lr_scale=lr_scale)
+    if lr_note:
+        console.print(lr_note)
     restore(run, steps_per_epoch)
     run.wandb_run = WandbRun(cfg, accelerator, output_dir, resumed=run.latest is not None, val_set=val_set,
                              say=console.print)

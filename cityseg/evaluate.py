@@ -16,6 +16,7 @@ from cityseg.labels import class_names
 from cityseg.metrics import (benchmark_scores, confusion_over, new_confusion, new_instance_stats, update_confusion,
                              update_instance_stats)
 from cityseg.model import build_model
+from cityseg.normalization import resolve_normalization
 from cityseg.runtime import make_accelerator
 
 INSTANCE_SUFFIX = "_gtFine_instanceIds.png"
@@ -63,6 +64,7 @@ def evaluate(cfg, weights: str | Path, split: str | None = None, aug_test: bool 
     dict. aug_test: multi-scale + flip as mmsegmentation's aug test (eval.scales = AUG_TEST_SCALES, eval.flip)."""
     if aug_test:  # a copy: the caller's config is left as it was
         cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, scales=list(AUG_TEST_SCALES), flip=True))
+    resolve_normalization(cfg)  # a run's config.yaml records it; a config given by hand: the encoder's
     accelerator = make_accelerator(cfg)
     scheme, full = cfg.data.label_scheme, cfg.eval.mode == "full"
     names = class_names(scheme)

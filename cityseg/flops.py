@@ -58,6 +58,7 @@ def train_flops_per_image(model: torch.nn.Module, image_size: list[int]) -> floa
     height, width = image_size
     images = torch.zeros(2, 3, height, width, device="meta")  # 2: BatchNorm needs more than one value
     with FlopCounterMode(display=False) as counter:
-        logits = meta(images)
-        logits.float().sum().backward()  # the loss itself is a rounding error next to the network
+        outputs = meta(images)  # (main, aux) with model.aux_head
+        outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+        sum(out.float().sum() for out in outputs).backward()  # the loss is a rounding error next to the network
     return counter.get_total_flops() / 2

@@ -89,10 +89,31 @@ class OhemCELoss(torch.nn.Module):
         return (pixel_loss * kept).sum() / kept.sum().clamp_min(1)
 
 
+class OutputLoss(torch.nn.Module):
+    """The loss of a model's output: the logits, or (main, aux) from a model with model.aux_head, then loss(main) +
+    aux_weight x loss(aux) (mmseg's auxiliary head, weight 0.4). The pixel losses cast to float32 themselves, so no
+    full-size float32 copy of bf16 logits is made here."""
+
+    def __init__(self, loss: torch.nn.Module, aux_weight: float):
+        super().__init__()
+        self.loss, self.aux_weight = loss, aux_weight
+
+    def forward(self, output, target: torch.Tensor) -> torch.Tensor:
+        if isinstance(output, tuple):
+            main, aux = output
+            return self.loss(main, target) + self.aux_weight * self.loss(aux, target)
+        return self.loss(output, target)
+
+
 def build_loss(loss_cfg, num_classes: int = 19) -> torch.nn.Module:
-    """The loss named by loss.name (a LossConfig, or just the name: the options' defaults then apply)."""
+    """The loss named by loss.name (a LossConfig, or just the name: the options' defaults then apply), taking the
+    model's output as it comes (OutputLoss)."""
     if isinstance(loss_cfg, str):
         loss_cfg = LossConfig(name=loss_cfg)
+    return OutputLoss(pixel_loss(loss_cfg, num_classes), loss_cfg.aux_weight)
+
+
+def pixel_loss(loss_cfg, num_classes: int) -> torch.nn.Module:
     name = loss_cfg.name
     if name == "dice":
         return DiceLoss()

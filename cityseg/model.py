@@ -8,20 +8,27 @@ import torch
 from safetensors.torch import load_file
 from timm.layers import convert_sync_batchnorm as timm_convert_sync_batchnorm
 
+from cityseg.heads import WithAuxHead, use_3x3_aspp_project
+
 
 class ModelError(ValueError):
     """A one-line, user-facing problem building or loading the model."""
 
 
 def build_model(model_cfg, num_classes: int) -> torch.nn.Module:
-    """smp.<arch>(encoder, classes); encoder weights from the local cache or a local file, never silently random."""
+    """smp.<arch>(encoder, classes, decoder options); encoder weights from the local cache or a local file, never
+    silently random; then the mmseg pieces the config asks for (3x3 ASPP bottleneck, auxiliary FCN head)."""
     weights = model_cfg.encoder_weights
     from_file = weights is not None and weights not in ("imagenet",) and (Path(weights).suffix or "/" in weights)
+    options = {key: getattr(model_cfg, key) for key in ("encoder_output_stride", "decoder_channels",
+                                                       "decoder_atrous_rates") if getattr(model_cfg, key) is not None}
     try:
         model = smp.create_model(
             model_cfg.arch, encoder_name=model_cfg.encoder, encoder_weights=None if from_file else weights,
-            in_channels=3, classes=num_classes,
+            in_channels=3, classes=num_classes, **options,
         )
+    except TypeError as err:  # a decoder option this architecture does not take
+        raise ModelError(f"model: {model_cfg.arch} does not take {', '.join(options)} ({err})") from None
     except KeyError as err:
         raise ModelError(f"model.arch / model.encoder: {err.args[0] if err.args else err}") from None
     except (OSError, RuntimeError, ValueError) as err:
@@ -34,7 +41,11 @@ def build_model(model_cfg, num_classes: int) -> torch.nn.Module:
             "or to null for random init") from None
     if from_file:
         load_encoder_weights(model, Path(weights))
-    return model
+    if model_cfg.aspp_project_kernel == 3:
+        if not hasattr(getattr(model, "decoder", None), "aspp"):
+            raise ModelError(f"model.aspp_project_kernel: {model_cfg.arch} has no ASPP (DeepLabV3 / DeepLabV3Plus)")
+        use_3x3_aspp_project(model)
+    return WithAuxHead(model, num_classes) if model_cfg.aux_head else model
 
 
 def load_encoder_weights(model: torch.nn.Module, path: Path) -> None:

@@ -1,6 +1,8 @@
 """The optimizer and the learning-rate schedule (a pure function of the step, so resuming needs no scheduler state)."""
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -9,7 +11,9 @@ def param_groups(model: torch.nn.Module, optim_cfg) -> list[dict]:
 
     The first group is the encoder's decayed weights (multiplier 1): the LR logged is that group's. With
     optim.no_decay_norm_bias, 1-d parameters (biases, BatchNorm / LayerNorm scales) get no weight decay, as in
-    mmsegmentation's SegFormer and timm recipes: decaying a norm's scale towards 0 only fights the normalization.
+    timm recipes: decaying a norm's scale towards 0 only fights the normalization. optim.no_decay_keys exempts the
+    parameters whose name contains one of them, as mmsegmentation's paramwise custom_keys with decay_mult 0
+    (SegFormer: "norm", the encoder's LayerNorms; biases and the decoder's BatchNorm are decayed).
     """
     groups = {}
     for name, param in model.named_parameters():
@@ -17,7 +21,8 @@ def param_groups(model: torch.nn.Module, optim_cfg) -> list[dict]:
             continue
         # one group when nothing differs: the optimizer state of earlier runs' checkpoints still loads
         head = optim_cfg.head_lr_mult != 1.0 and not name.removeprefix("module.").startswith("encoder.")
-        no_decay = optim_cfg.no_decay_norm_bias and param.ndim <= 1
+        no_decay = (optim_cfg.no_decay_norm_bias and param.ndim <= 1) or any(
+            key in name for key in optim_cfg.no_decay_keys)
         key = (head, no_decay)
         if key not in groups:
             groups[key] = {"params": [], "weight_decay": 0.0 if no_decay else optim_cfg.weight_decay,
@@ -43,7 +48,8 @@ def lr_at(step: int, total_steps: int, optim_cfg) -> float:
     if optim_cfg.schedule == "constant":
         return optim_cfg.lr
     progress = min(1.0, (step - optim_cfg.warmup_steps) / max(1, total_steps - optim_cfg.warmup_steps))
-    return optim_cfg.lr * (1.0 - progress) ** optim_cfg.poly_power
+    floor = min(optim_cfg.min_lr, optim_cfg.lr)  # mmseg PolyLR's eta_min: the decay ends there, not at 0
+    return (optim_cfg.lr - floor) * (1.0 - progress) ** optim_cfg.poly_power + floor
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
@@ -51,9 +57,34 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
         group["lr"] = lr * group.get("lr_mult", 1.0)
 
 
-def scaled_lr_factor(world_size: int, reference_world_size: int | None) -> float:
-    """The linear scaling rule (Goyal et al. 2017): a recipe's LR is for its reference GPU count; another world
-    size changes the global batch by world / reference, and the LR by the same factor."""
-    if reference_world_size is None or world_size == reference_world_size:
-        return 1.0
-    return world_size / reference_world_size
+def lr_scaling(cfg, processes: int) -> tuple[float, str | None]:
+    """(factor on optim.lr, warning or None) for this run's global batch against the recipe's.
+
+    Global batch = data.batch_size x processes x train.grad_accum. A recipe's optim.lr is for its
+    train.reference_global_batch; by default (optim.lr_scaling none, as mmsegmentation's auto_scale_lr) the LR is
+    kept and a warning names the difference and how to match it. `linear` (Goyal et al. 2017, for SGD) or `sqrt`
+    (the rule usually taken for Adam-type optimizers) rescale it; linear on AdamW says so.
+    """
+    batch, accum, reference = cfg.data.batch_size, cfg.train.grad_accum, cfg.train.reference_global_batch
+    global_batch = batch * processes * accum
+    if reference is None or global_batch == reference:
+        return 1.0, None
+    shape = (f"global batch {global_batch} (data.batch_size {batch} x {processes} processes x train.grad_accum "
+             f"{accum}) differs from the recipe's train.reference_global_batch {reference}")
+    mode = cfg.optim.lr_scaling
+    if mode == "none":
+        return 1.0, (f"warning: {shape}; optim.lr {cfg.optim.lr:g} is used as it is (optim.lr_scaling none): "
+                     f"{_how_to_match(reference, processes, batch)}, or set optim.lr_scaling=linear")
+    factor = global_batch / reference if mode == "linear" else math.sqrt(global_batch / reference)
+    note = f"warning: {shape}; optim.lr {cfg.optim.lr:g} scaled ({mode}) by {factor:g} to {cfg.optim.lr * factor:g}"
+    if mode == "linear" and cfg.optim.name == "adamw":
+        note += " (the linear rule is SGD's; for AdamW optim.lr_scaling=sqrt is the usual choice)"
+    return factor, note
+
+
+def _how_to_match(reference: int, processes: int, batch: int) -> str:
+    if reference % processes:
+        return f"to train as the recipe, make data.batch_size x processes x train.grad_accum = {reference}"
+    per_process = reference // processes
+    accum = f" or data.batch_size={batch} train.grad_accum={per_process // batch}" if per_process % batch == 0 else ""
+    return f"to train as the recipe, set data.batch_size={per_process} train.grad_accum=1{accum}"

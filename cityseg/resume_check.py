@@ -1,11 +1,13 @@
 """May this config continue that checkpoint? Keys that change what is trained refuse; the others are listed."""
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import yaml
 
-from cityseg.config import Config, ConfigError, to_dict
+from cityseg.config import Config, ConfigError, to_dict, upgrade_recorded
+from cityseg.normalization import resolve_normalization
 
 # Keys (or whole sections, ending in ".") that do not change what is trained: how it is run, logged, evaluated,
 # saved and tracked. Any key not matched here or below refuses a resume, so a key added later is safe by default.
@@ -71,7 +73,7 @@ def saved_config(checkpoint_dir: Path) -> tuple[dict | None, Path | None]:
                 tree = yaml.safe_load(path.read_text())
             except (OSError, yaml.YAMLError) as err:
                 raise ConfigError(f"{path}: cannot read the run's recorded config ({err})") from None
-            return (tree if isinstance(tree, dict) else {}), path
+            return upgrade_recorded(tree if isinstance(tree, dict) else {}), path
     return None, None
 
 
@@ -80,7 +82,9 @@ def verdict(cfg, checkpoint_dir: Path) -> list[str]:
     saved, source = saved_config(Path(checkpoint_dir))
     if saved is None:
         return [f"{checkpoint_dir} records no config.yaml: the config was not compared"]
-    refused, allowed = compare(saved, to_dict(cfg))
+    resolved = copy.deepcopy(cfg)  # `cityseg check` compares before training resolves data.mean / std
+    resolve_normalization(resolved)
+    refused, allowed = compare(saved, to_dict(resolved))
     if refused:
         raise ResumeRefused(
             f"{cfg.output_dir}: will not resume {checkpoint_dir}: the config changes what is trained "

@@ -15,7 +15,7 @@ import torch
 from accelerate.utils import gather_object
 
 from cityseg.config import dump_config, to_dict
-from cityseg.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from cityseg.data.transforms import normalization
 from cityseg.labels import IGNORE_INDEX, class_names
 from cityseg.tensorboard_run import TensorBoardRun, eval_scalars, step_scalars
 
@@ -43,9 +43,9 @@ def device_name(device: torch.device) -> str:
     return f"{device.type} ({platform.processor() or platform.machine()})"
 
 
-def load_samples(dataset, count: int) -> list[tuple[np.ndarray, torch.Tensor, np.ndarray, str]]:
+def load_samples(dataset, count: int, data_cfg) -> list[tuple[np.ndarray, torch.Tensor, np.ndarray, str]]:
     """The first `count` samples of the validation set: (display RGB uint8, network input, mask, caption)."""
-    mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    mean, std = (torch.tensor(values).view(3, 1, 1) for values in normalization(data_cfg))
     samples = []
     for index in range(min(count, len(dataset))):
         image, mask, _ = dataset[index]
@@ -73,7 +73,7 @@ class WandbRun:
         self.wandb = wandb
         self.names = class_names(cfg.data.label_scheme)
         self.class_labels = {**dict(enumerate(self.names)), IGNORE_INDEX: "ignore"}
-        self.samples = load_samples(val_set, self.cfg.num_images)
+        self.samples = load_samples(val_set, self.cfg.num_images, cfg.data)
         run_id = self._run_id(resumed)
         config = {**to_dict(cfg), "runtime": {"world_size": accelerator.num_processes, "devices": dict(devices),
                                               "mixed_precision": accelerator.mixed_precision,

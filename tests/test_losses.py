@@ -1,5 +1,5 @@
-"""The Dice loss against smp's, OHEM and class-weighted cross-entropy against hand-computed values; all ignore 255
-and take bf16 logits and uint8 masks as the step hands them over."""
+"""The Dice loss against smp's, OHEM, class-weighted cross-entropy and the auxiliary-head sum against hand-computed
+values; all ignore 255 and take bf16 logits and uint8 masks as the step hands them over."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -145,3 +145,16 @@ def test_dice_makes_no_one_hot_and_few_full_size_tensors():
     # copy; smp's forward makes eight, three of them int64 (its one-hot)
     assert len(forward.full_size(logits.numel())) <= 3, forward.full_size(logits.numel())
     assert logits.grad.dtype == torch.bfloat16 and torch.isfinite(logits.grad.float()).all()
+
+
+def test_aux_head_output_adds_its_loss_at_weight_0_4_in_float32():
+    logits, target = batch()
+    aux = torch.randn_like(logits)
+    ce = build_loss(LossConfig(name="ce"))
+    expected = F.cross_entropy(logits, target, ignore_index=255) + 0.4 * F.cross_entropy(aux, target, ignore_index=255)
+    assert ce((logits, aux), target).item() == pytest.approx(expected.item(), rel=1e-6)
+    assert ce(logits, target).item() == pytest.approx(F.cross_entropy(logits, target, ignore_index=255).item())
+    half = ce((logits.bfloat16(), aux.bfloat16()), target)  # autocast output: the loss casts to float32 itself
+    assert half.dtype == torch.float32 and half.item() == pytest.approx(expected.item(), rel=2e-2)
+    assert build_loss(LossConfig(name="ce", aux_weight=1.0))((logits, aux), target).item() == pytest.approx(
+        (F.cross_entropy(logits, target, ignore_index=255) + F.cross_entropy(aux, target, ignore_index=255)).item())

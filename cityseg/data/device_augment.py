@@ -6,22 +6,25 @@ import torch
 import torch.nn.functional as F
 
 from cityseg.data.photometric import distort_batch, draw_params, params_table
-from cityseg.data.transforms import IMAGENET_MEAN, IMAGENET_STD, sample_seed
+from cityseg.data.transforms import normalization, sample_seed
 from cityseg.labels import IGNORE_INDEX
 
 
 def sample_params(data_cfg, seed: int, epoch: int, index: int) -> tuple[float, float, float, bool]:
     """(scale, crop top, crop left, flip) of one sample, a pure function of (seed, epoch, index) like the CPU
-    path's; top / left are in the scaled image's pixels, negative when the crop is larger (centered padding)."""
+    path's; top / left are in the scaled image's pixels, 0 where the crop is larger (padded at the bottom / right,
+    as mmsegmentation pads)."""
     rng = np.random.default_rng(sample_seed(seed, epoch, index))
     low, high = data_cfg.scale_range
     scale = float(rng.uniform(low, high)) if (low, high) != (1.0, 1.0) else 1.0
     height, width = data_cfg.image_size
     scaled_h, scaled_w = round(height * scale), round(width * scale)
     crop_h, crop_w = data_cfg.crop_size or (height, width)
-    top = rng.integers(0, scaled_h - crop_h + 1) if scaled_h >= crop_h else -((crop_h - scaled_h) // 2)
-    left = rng.integers(0, scaled_w - crop_w + 1) if scaled_w >= crop_w else -((crop_w - scaled_w) // 2)
+    top = rng.integers(0, scaled_h - crop_h + 1) if scaled_h >= crop_h else 0
+    left = rng.integers(0, scaled_w - crop_w + 1) if scaled_w >= crop_w else 0
     flip = bool(data_cfg.hflip and rng.random() < 0.5)
+    if flip and scaled_w < crop_w:  # the window mirrored: the image still starts at the left, padding at the right
+        left = scaled_w - crop_w
     return scale, float(top), float(left), flip
 
 
@@ -72,7 +75,8 @@ class AugmentParamsCollate:
 
 def augment_batch(images: torch.Tensor, masks: torch.Tensor, indices, data_cfg, seed: int, epoch: int):
     """uint8 images [B, 3, h, w] and masks [B, h, w] from the cache → normalized float images and long masks at
-    data.crop_size (or data.image_size): resize, random scale, crop (padding 0 / 255), flip, normalize."""
+    data.crop_size (or data.image_size): resize, random scale, crop, flip, normalize, pad (0 after normalization /
+    255 at the bottom / right)."""
     indices = indices.tolist() if torch.is_tensor(indices) else list(indices)
     theta = sample_theta(data_cfg, seed, epoch, indices).to(images.device)
     photometric = sample_photometric(data_cfg, seed, epoch, indices)
@@ -80,7 +84,7 @@ def augment_batch(images: torch.Tensor, masks: torch.Tensor, indices, data_cfg, 
                               data_cfg)
 
 
-_NORMALIZE = {}  # device -> (mean, std) * 255, made once: a host->device copy per batch would sync
+_NORMALIZE = {}  # (device, mean, std) -> (mean, std) * 255 tensors, made once: a host->device copy per batch syncs
 
 
 def augment_with_theta(images: torch.Tensor, masks: torch.Tensor, theta: torch.Tensor, data_cfg):
@@ -97,10 +101,11 @@ def augment_with_theta(images: torch.Tensor, masks: torch.Tensor, theta: torch.T
     labels = F.grid_sample(masks[:, None].float() + 1, grid, mode="nearest", padding_mode="zeros",
                            align_corners=False)[:, 0].long() - 1
     labels = torch.where(labels < 0, IGNORE_INDEX, labels)  # not labels[labels < 0] = ...: a boolean index syncs
-    if images.device not in _NORMALIZE:
-        _NORMALIZE[images.device] = (torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1) * 255,
-                                     torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1) * 255)
-    mean, std = _NORMALIZE[images.device]
+    key = (images.device, *normalization(data_cfg))
+    if key not in _NORMALIZE:
+        _NORMALIZE[key] = tuple(torch.tensor(values, device=images.device).view(1, 3, 1, 1) * 255 for values in key[1:])
+    mean, std = _NORMALIZE[key]
     if photometric is not None:
         pixels = distort_batch(pixels, photometric)
-    return (pixels - mean) / std, labels
+    inside = (grid.abs() <= 1).all(-1)[:, None]  # sampled from the image, not the padding beyond it
+    return torch.where(inside, (pixels - mean) / std, 0.0), labels

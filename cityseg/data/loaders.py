@@ -41,6 +41,9 @@ def train_dataset(cfg, bad_sample_log: Path | None = None) -> CityscapesPairs:
     if cfg.data.cache.device_augment and not cfg.data.cache.dir:
         raise ConfigError("data.cache.device_augment: needs data.cache.dir (samples decoded from PNG are "
                           "augmented on the CPU)")
+    if cfg.data.cache.device_augment and cfg.data.cat_max_ratio < 1.0:
+        raise ConfigError("data.cat_max_ratio: not applied by data.cache.device_augment (its crops are drawn "
+                          "without the labels); set data.cat_max_ratio=1.0 or data.cache.device_augment=false")
     pairs = find_pairs(cfg.data.root, cfg.data.train_split)
     if cfg.data.cache.dir:
         return cached_dataset(cfg, cfg.data.train_split, pairs, train_transform(cfg.data),

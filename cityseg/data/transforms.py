@@ -1,4 +1,4 @@
-"""Albumentations pipelines: train (resize, scale + crop, flip, photometric, normalize) and deterministic eval."""
+"""Albumentations pipelines: train (resize, scale, crop, flip, photometric, normalize, pad) and deterministic eval."""
 from __future__ import annotations
 
 import albumentations as A
@@ -6,31 +6,39 @@ import cv2
 import numpy as np
 from albumentations.pytorch import ToTensorV2
 
+from cityseg.config import IMAGENET_MEAN, IMAGENET_STD
 from cityseg.data.photometric import distort_uint8, draw_params
 from cityseg.labels import IGNORE_INDEX
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+CROP_TRIES = 10  # mmseg RandomCrop: redraws while one class dominates, at most this many times
+
+
+def normalization(data_cfg) -> tuple[tuple, tuple]:
+    """(mean, std) in [0, 1] units: data.mean / data.std as resolved for the run, ImageNet's where unset."""
+    mean, std = getattr(data_cfg, "mean", None), getattr(data_cfg, "std", None)
+    return tuple(mean or IMAGENET_MEAN), tuple(std or IMAGENET_STD)
 
 
 def train_transform(data_cfg) -> A.Compose:
+    """mmsegmentation's order: resize, random scale, crop (cat_max_ratio), flip, photometric, normalize, then pad
+    to the crop size at the bottom / right with 0 (the mean colour after normalization) and ignore labels."""
     height, width = data_cfg.image_size
     steps = [A.Resize(height, width, interpolation=cv2.INTER_LINEAR)]  # masks always resize nearest
     low, high = data_cfg.scale_range
     if (low, high) != (1.0, 1.0):
         steps.append(A.RandomScale(scale_limit=(low - 1.0, high - 1.0), p=1.0))
     if data_cfg.crop_size is not None:
-        crop_h, crop_w = data_cfg.crop_size
-        steps += [
-            A.PadIfNeeded(crop_h, crop_w, border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=IGNORE_INDEX),
-            A.RandomCrop(crop_h, crop_w),
-        ]
+        steps.append(CatMaxRatioCrop(*data_cfg.crop_size, cat_max_ratio=getattr(data_cfg, "cat_max_ratio", 1.0)))
     if data_cfg.hflip:
         steps.append(A.HorizontalFlip(p=0.5))
     if getattr(data_cfg, "photometric", False):
         steps.append(PhotometricDistortion())
-    steps += [A.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD), ToTensorV2()]
-    return A.Compose(steps)
+    mean, std = normalization(data_cfg)
+    steps.append(A.Normalize(mean=mean, std=std))
+    if data_cfg.crop_size is not None:
+        steps.append(A.PadIfNeeded(*data_cfg.crop_size, position="top_left", border_mode=cv2.BORDER_CONSTANT,
+                                   fill=0, fill_mask=IGNORE_INDEX))
+    return A.Compose([*steps, ToTensorV2()])
 
 
 def eval_transform(data_cfg, size: list[int] | None = None) -> A.Compose:
@@ -38,13 +46,51 @@ def eval_transform(data_cfg, size: list[int] | None = None) -> A.Compose:
     steps = []
     if size is not None:
         steps.append(A.Resize(size[0], size[1], interpolation=cv2.INTER_LINEAR))
-    steps += [A.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD), ToTensorV2()]
+    mean, std = normalization(data_cfg)
+    steps += [A.Normalize(mean=mean, std=std), ToTensorV2()]
     return A.Compose(steps)
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
     """Augmentation seed of one sample in one epoch: replays exactly after a resume, whatever the worker layout."""
     return (seed * 1_000_003 + epoch * 100_003 + index) % (2**32)
+
+
+class CatMaxRatioCrop(A.DualTransform):
+    """mmseg RandomCrop: a window of min(crop, image) per side (the pad comes after normalization); with
+    cat_max_ratio < 1 a window where one class holds that share or more of the labelled pixels (or only one class
+    is present) is redrawn, up to CROP_TRIES times, from the pipeline's seeded generator."""
+
+    def __init__(self, height: int, width: int, cat_max_ratio: float = 1.0):
+        super().__init__(p=1.0)
+        self.height, self.width, self.cat_max_ratio = height, width, cat_max_ratio
+
+    def get_params_dependent_on_data(self, params: dict, data: dict) -> dict:
+        mask = data["mask"]
+        crop_h, crop_w = min(self.height, mask.shape[0]), min(self.width, mask.shape[1])
+
+        def draw():
+            return self.py_random.randint(0, mask.shape[0] - crop_h), self.py_random.randint(0, mask.shape[1] - crop_w)
+
+        top, left = draw()
+        if self.cat_max_ratio < 1.0:
+            for _ in range(CROP_TRIES):
+                labels, counts = np.unique(mask[top:top + crop_h, left:left + crop_w], return_counts=True)
+                counts = counts[labels != IGNORE_INDEX]
+                if len(counts) > 1 and counts.max() / counts.sum() < self.cat_max_ratio:
+                    break
+                top, left = draw()
+        return {"window": (top, left, crop_h, crop_w)}
+
+    def apply(self, img: np.ndarray, window=None, **params) -> np.ndarray:
+        top, left, crop_h, crop_w = window
+        return img[top:top + crop_h, left:left + crop_w]
+
+    def apply_to_mask(self, mask: np.ndarray, window=None, **params) -> np.ndarray:
+        return self.apply(mask, window)
+
+    def get_transform_init_args_names(self) -> tuple:
+        return ("height", "width", "cat_max_ratio")
 
 
 class PhotometricDistortion(A.ImageOnlyTransform):

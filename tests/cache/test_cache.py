@@ -1,4 +1,5 @@
 """The decode-once cache: same samples as the PNG path, stale or foreign caches refused, memmap sharing, batch augment."""
+import dataclasses
 import json
 import os
 import pickle
@@ -137,7 +138,15 @@ def test_batch_augment_flips_normalizes_and_pads_like_the_cpu_path(synth_root, c
     small = config(synth_root, cli_cache, "data.scale_range=[0.5,0.5]", "data.crop_size=[24,48]")
     padded_images, padded_masks = augment_batch(images, masks, indices, small.data, 0, 0)
     assert padded_masks.shape == (16, 24, 48)
-    assert (padded_masks[:, :4] == 255).all() and (padded_masks[:, :, :8] == 255).all()  # 16x32 centred in 24x48
+    # 16x32 at the top left of 24x48, padded at the bottom / right after normalization (0) as mmsegmentation,
+    # flipped or not; the CPU path pads the same
+    pad = torch.zeros(24, 48, dtype=torch.bool)
+    pad[16:], pad[:, 32:] = True, True
+    assert (padded_masks[:, pad] == 255).all() and (padded_masks[:, ~pad] != 255).any(-1).all()
+    assert (padded_images[:, :, pad] == 0).all() and (padded_images[:, :, ~pad] != 0).any(-1).all()
+    cpu = train_dataset(dataclasses.replace(small, data=dataclasses.replace(small.data, hflip=True)))
+    cpu_image, cpu_mask, _ = cpu[0]
+    assert (cpu_mask[pad] == 255).all() and (cpu_image[:, pad] == 0).all() and (cpu_mask[~pad] != 255).any()
 
 
 def test_training_from_the_cache_with_device_augment(synth_root, cli_cache, tmp_path):

@@ -7,6 +7,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from cityseg.api import Segmenter
 from cityseg.checkpoint import CheckpointError
@@ -72,8 +73,9 @@ def test_training_size_and_batch_tensors(trained_run, val_images):
     assert np.array_equal(at_training_size[1].numpy(), segmenter.predict(images[1], full_resolution=False))
     full = segmenter.predict_batch(batch)
     assert tuple(full.shape[-2:]) == images[0].shape[:2]
-    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
-    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    recorded = yaml.safe_load((trained_run / "config.yaml").read_text())["data"]  # what the run trained with
+    assert recorded["mean"] == recorded["std"] == [0.5, 0.5, 0.5]  # timm's tf_mobilenetv3 weights, not ImageNet's
+    mean, std = (torch.tensor(recorded[key]).view(1, 3, 1, 1) for key in ("mean", "std"))
     normalized = (batch.float() / 255 - mean) / std  # what the data pipeline feeds the network
     assert torch.equal(segmenter.predict_batch(normalized), full)
     logits = segmenter.logits(batch)

@@ -1,0 +1,45 @@
+"""Pieces beside smp's models that match mmsegmentation's: the auxiliary FCN head and the 3x3 ASPP bottleneck."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class FCNHead(nn.Sequential):
+    """mmseg FCNHead(num_convs=1, concat_input=False, channels=256): 3x3 conv + BN + ReLU, dropout 0.1, 1x1 conv."""
+
+    def __init__(self, in_channels: int, num_classes: int, channels: int = 256):
+        super().__init__(nn.Conv2d(in_channels, channels, 3, padding=1, bias=False), nn.BatchNorm2d(channels),
+                         nn.ReLU(inplace=True), nn.Dropout2d(0.1), nn.Conv2d(channels, num_classes, 1))
+
+
+class WithAuxHead(nn.Module):
+    """An smp encoder-decoder plus an FCN head on the encoder's next-to-last stage (ResNet: the 1024-channel one),
+    as mmsegmentation's auxiliary_head. Training returns (main, aux) logits at the input size; eval only main.
+
+    The smp model's parts keep their attribute names (encoder., decoder., segmentation_head.): weights files, the
+    encoder / head LR groups and `cityseg weights` see the same keys, plus aux_head.*.
+    """
+
+    def __init__(self, model: nn.Module, num_classes: int):
+        super().__init__()
+        self.encoder, self.decoder, self.segmentation_head = model.encoder, model.decoder, model.segmentation_head
+        self.aux_head = FCNHead(model.encoder.out_channels[-2], num_classes)
+
+    def forward(self, images: torch.Tensor):
+        features = self.encoder(images)
+        main = self.segmentation_head(self.decoder(features))
+        if not self.training:
+            return main
+        aux = F.interpolate(self.aux_head(features[-2]), size=images.shape[-2:], mode="bilinear", align_corners=False)
+        return main, aux
+
+
+def use_3x3_aspp_project(model: nn.Module) -> None:
+    """smp's ASPP projects its concatenated branches with a 1x1 conv; mmsegmentation's ASPPHead uses a 3x3
+    ConvModule (its `bottleneck`, 10.5 M of DeepLabV3+ R50's 43.6 M parameters at 512 channels)."""
+    project = model.decoder.aspp[0].project
+    old = project[0]
+    project[0] = nn.Conv2d(old.in_channels, old.out_channels, 3, padding=1, bias=False)
+
