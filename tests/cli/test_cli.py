@@ -1,6 +1,10 @@
 """The command line as a newcomer meets it: fast help, one-line errors naming their source, a help per command."""
 from __future__ import annotations
 
+import os
+import pty
+import re
+import subprocess
 import time
 
 import pytest
@@ -8,7 +12,7 @@ import yaml
 
 from cityseg.cli import build_parser
 from cityseg.config import load_config
-from tests.conftest import PYTHON, cityseg, run
+from tests.conftest import PYTHON, REPO, child_env, cityseg, run, tiny_overrides
 
 CONFIG = ["--config", "configs/demo.yaml"]
 HEAVY = ("torch", "segmentation_models_pytorch", "accelerate", "wandb", "timm", "cv2")
@@ -89,3 +93,35 @@ def test_config_command_prints_the_resolved_config(tmp_path):
     copy = tmp_path / "resolved.yaml"
     copy.write_text(result.stdout)
     assert load_config(copy) == load_config("configs/demo.yaml", ["optim.lr=5e-4", "train.epochs=3"])
+
+
+def run_on_a_terminal(args: list[str], timeout: float = 300) -> tuple[int, str]:
+    """A command whose stdout and stderr are a terminal (a pseudo-terminal read here): what a user sees."""
+    controller, terminal = pty.openpty()
+    env = child_env(COLUMNS="220", TERM="xterm")
+    process = subprocess.Popen([str(a) for a in args], cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=terminal,
+                               stderr=terminal)
+    os.close(terminal)
+    chunks, deadline = [], time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            chunk = os.read(controller, 65536)
+        except OSError:  # EIO: the command exited and closed the terminal
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(controller)
+    return process.wait(timeout=max(1.0, deadline - time.monotonic())), b"".join(chunks).decode(errors="replace")
+
+
+def test_progress_bar_shows_a_dash_until_loss_and_speed_are_measured(synth_root, tmp_path):
+    """The bar moves every step; loss and img/s are read every train.log_every steps (and at an epoch's end): the 8
+    steps of the first epoch come before any reading, and show "—" instead of a NaN loss or 0 img/s."""
+    overrides = tiny_overrides(synth_root, tmp_path / "run", data__batch_size=2, train__epochs=2,
+                               train__max_steps=9, train__log_every=100)
+    code, screen = run_on_a_terminal([PYTHON, "train.py", *CONFIG, *overrides])
+    assert code == 0, screen[-3000:]
+    assert re.search(r"epoch 1 loss — lr \S+ — img/s", screen), screen[-3000:]
+    assert "nan" not in screen.lower() and " 0.0 img/s" not in screen, screen[-3000:]
+    assert re.search(r"epoch 2 loss \d+\.\d{4} lr \S+ \d+\.\d img/s", screen), screen[-3000:]  # measured
