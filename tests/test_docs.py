@@ -403,3 +403,15 @@ def test_demo_script_trains_in_its_own_run_directory(tmp_path):
     assert "launch/demo.sh: replacing the previous demo run in runs/demo-sh" in result.stdout
     assert not earlier_demo.exists() and (tmp_path / "runs" / "demo-sh" / "model.safetensors").is_file()
     assert quick_start_run.read_bytes() == b"the quick start's weights"
+
+
+def test_readme_cpu_multi_process_line_is_a_run_of_its_own_with_the_demos_global_batch():
+    """After the quick start, `runs/demo` holds a finished run: a launch into it would only find it and train
+    nothing; a doubled global batch would train half the steps."""
+    line = next(line for line in readme_command_lines() if "--num_processes 2 train.py" in line)
+    argv = shlex.split(line)
+    processes = int(argv[argv.index("--num_processes") + 1])
+    args = build_parser().parse_args(["train", *argv[argv.index("train.py") + 1:]])
+    launched, demo = load_config(REPO / args.config, args.overrides), load_config(REPO / "configs" / "demo.yaml")
+    assert launched.output_dir != demo.output_dir, f"README.md: `{line}` trains into the quick start's run"
+    assert launched.data.batch_size * processes == demo.data.batch_size, f"README.md: `{line}` changes the global batch"

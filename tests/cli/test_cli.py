@@ -27,15 +27,19 @@ def test_cli_and_config_import_nothing_heavy():
 
 
 @pytest.mark.parametrize("args", [["--help"], ["train", "--help"], ["evaluate", "--help"],
-                                  ["train", *CONFIG, "train.max_stepz=1"]])
+                                  ["train", *CONFIG, "train.max_stepz=1"],
+                                  ["train", *CONFIG, "data.root=/nonexistent/cityscapes"]])
 def test_help_and_config_errors_answer_within_2_seconds(args):
-    """Measured in a child process; the best of 3 (a loaded 2-core machine): before the lazy imports it took ~5 s."""
+    """Measured in a child process; the best of 3 (a loaded 2-core machine): before the lazy imports it took ~5 s,
+    a wrong data.root 6.5 s (torch was imported before the data was looked at)."""
     best = float("inf")
     for _ in range(3):
         start = time.perf_counter()
         result = cityseg(*args)
         best = min(best, time.perf_counter() - start)
-    assert result.returncode in (0, 2), result.stderr
+    assert result.returncode in (0, 2) or result.stderr.startswith("error: data.root /nonexistent/cityscapes: "
+                                                                    "directory not found"), result.stderr
+    assert result.returncode == 0 or len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert best < 2.0, f"cityseg {' '.join(args)} took {best:.2f} s"
 
 
