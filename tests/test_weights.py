@@ -7,7 +7,6 @@ import hashlib
 import json
 import os
 import socket
-import threading
 import time
 from pathlib import Path
 
@@ -113,35 +112,23 @@ def test_fetch_fails_with_one_line_when_the_hub_cannot_be_reached(tmp_path):
         "error: HF_HUB_OFFLINE is set: fetching needs the hub; unset it on a machine with internet"]
 
 
-def test_fetch_asks_an_unanswering_hub_once_and_fails_in_seconds(tmp_path):
-    """A local "hub" that accepts connections and closes them unanswered (nothing leaves this machine):
-    huggingface_hub alone retries that with backoff for ~30 s; fetch asks once and stops."""
-    connections = []
-    with socket.socket() as hub:
-        hub.bind(("127.0.0.1", 0))
-        hub.listen(16)
-
-        def answer_nothing():
-            while True:
-                try:
-                    peer, _ = hub.accept()
-                except OSError:  # closed at the end of the test
-                    return
-                connections.append(peer)
-                peer.close()
-
-        threading.Thread(target=answer_nothing, daemon=True).start()
-        env = child_env(HF_HUB_CACHE=str(tmp_path / "hub"), HF_ENDPOINT=f"http://127.0.0.1:{hub.getsockname()[1]}")
+def test_fetch_fails_in_seconds_when_the_hub_cannot_be_reached(tmp_path):
+    """huggingface_hub alone retries a refused connection with backoff for ~25 s more (32 s offline, as a user
+    measured); fetch asks once. The "hub" is a local port held bound but never listening: nothing leaves this
+    machine. Measured against the same command refused before any request (HF_HUB_OFFLINE: its start-up)."""
+    args = ["weights", "fetch", "--config", "configs/segformer_b0_1024x1024_160k.yaml"]
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        env = child_env(HF_HUB_CACHE=str(tmp_path / "hub"), HF_ENDPOINT=f"http://127.0.0.1:{closed.getsockname()[1]}")
         env.pop("HF_HUB_OFFLINE")
-        args = ["weights", "fetch", "--config", "configs/segformer_b0_1024x1024_160k.yaml"]
         start = time.perf_counter()
         result = cityseg(*args, env=env, timeout=300)
         asked = time.perf_counter() - start
-    start = time.perf_counter()  # the same command refused before any request: its start-up time (imports)
+    start = time.perf_counter()
     offline = cityseg(*args, env=offline_env(tmp_path / "hub"), timeout=300)
     imports = time.perf_counter() - start
     assert result.returncode == 1 and offline.returncode == 1
-    assert result.stderr.strip().splitlines()[-1].startswith("error: cannot fetch smp-hub/mit_b0.imagenet/"), (
-        result.stderr)
-    assert len(connections) <= 2, f"{len(connections)} connections to the hub"  # the HTTP client's own reconnect
-    assert asked - imports < 3.0, f"failed after {asked:.1f} s, {asked - imports:.1f} s more than its start-up"
+    assert result.stderr.strip().splitlines() == [
+        "error: cannot fetch smp-hub/mit_b0.imagenet/config.json from the Hugging Face Hub (ConnectError: the hub "
+        "cannot be reached or refused); run this on a machine with internet (e.g. a login node)"], result.stderr
+    assert asked - imports < 5.0, f"failed after {asked:.1f} s, {asked - imports:.1f} s more than its start-up"
