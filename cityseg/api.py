@@ -37,6 +37,21 @@ def weights_path(path: str | Path) -> Path:
     return path
 
 
+def as_batch(images) -> torch.Tensor:
+    """A (B, 3, H, W) tensor from a numpy array or tensor: channels first or (uint8 only) last, batched or not."""
+    if isinstance(images, np.ndarray):
+        images = torch.from_numpy(np.ascontiguousarray(images))
+    if not isinstance(images, torch.Tensor):
+        raise ValueError(f"expected a numpy array or torch tensor of images, got {type(images).__name__}")
+    batch = images[None] if images.ndim == 3 else images
+    if batch.ndim == 4 and batch.shape[1] != 3 and batch.shape[3] == 3 and batch.dtype == torch.uint8:
+        batch = batch.permute(0, 3, 1, 2)  # (B, H, W, 3) RGB, as images are read and stored
+    if batch.ndim != 4 or batch.shape[1] != 3:
+        raise ValueError(f"expected images as (B, 3, H, W) or (3, H, W), or uint8 (B, H, W, 3) or (H, W, 3); "
+                         f"got shape {tuple(images.shape)} {str(images.dtype).removeprefix('torch.')}")
+    return batch
+
+
 class Segmenter:
     """A trained network with its config: preprocessing, eval.* (sliding, flip, scales) and precision as in
     `cityseg evaluate`. Change options between calls through `segmenter.cfg.eval` (e.g. `.flip = True`)."""
@@ -69,10 +84,8 @@ class Segmenter:
             return nullcontext()
         return torch.autocast(self.device.type, dtype=dtype)
 
-    def _normalized(self, images: torch.Tensor) -> torch.Tensor:
-        if images.ndim != 4 or images.shape[1] != 3:
-            raise ValueError(f"expected a (B, 3, H, W) batch, got shape {tuple(images.shape)}")
-        images = images.to(self.device)
+    def _normalized(self, images) -> torch.Tensor:
+        images = as_batch(images).to(self.device)
         if images.dtype == torch.uint8:  # raw RGB: the pipeline's normalization (albumentations Normalize)
             return (images.float() - self._mean) / self._std
         if not images.is_floating_point():
@@ -80,18 +93,21 @@ class Segmenter:
         return images.float()
 
     @torch.inference_mode()
-    def logits(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, classes, h, w) float logits at data.image_size. images: (B, 3, H, W) uint8 RGB, or float already
+    def logits(self, images) -> torch.Tensor:
+        """(B, classes, h, w) float logits at data.image_size. images: a numpy array or torch tensor, uint8 RGB
+        as (B, H, W, 3) / (H, W, 3) or (B, 3, H, W) / (3, H, W), or float (B, 3, H, W) / (3, H, W) already
         normalized as the training data is (ImageNet mean / std)."""
         with self._autocast():
             return segment_logits(self.model, self._normalized(images), self.cfg.data.image_size, self.cfg.eval).float()
 
     @torch.inference_mode()
-    def predict_batch(self, images: torch.Tensor, full_resolution: bool = True) -> torch.Tensor:
-        """(B, H, W) int64 training indices: at the images' size (full_resolution, logits upsampled bilinearly
-        as `cityseg evaluate --mode full`), or at data.image_size (what training validates)."""
-        logits = self.logits(images)
-        return upsampled_argmax(logits, images.shape[-2:] if full_resolution else logits.shape[-2:])
+    def predict_batch(self, images, full_resolution: bool = True) -> torch.Tensor:
+        """(B, H, W) int64 torch tensor of training indices, for images as `logits` takes them (one image is a
+        batch of one): at the images' size (full_resolution, logits upsampled bilinearly as `cityseg evaluate
+        --mode full`), or at data.image_size (what training validates)."""
+        batch = as_batch(images)
+        logits = self.logits(batch)
+        return upsampled_argmax(logits, batch.shape[-2:] if full_resolution else logits.shape[-2:])
 
     def predict(self, image: np.ndarray, full_resolution: bool = True) -> np.ndarray:
         """(H, W) uint8 training indices (see class_names) of one (H, W, 3) uint8 RGB image."""

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from cityseg.config import ConfigError, dump_config, load_config, run_config_path
+from cityseg.data.layout import DataError, check_split_dir
 
 EXIT_USAGE = 2  # argparse's code for a bad command line; also a bad config or override
 
@@ -168,6 +169,8 @@ def _config_for(args) -> object:
 
 def run_train(args) -> int:
     cfg = load_config(args.config, args.overrides)  # before the heavy imports: a config error answers at once
+    for split in (cfg.data.train_split, cfg.data.val_split):  # so does a wrong data.root
+        check_split_dir(cfg.data.root, split)
     from cityseg.engine import train
 
     return train(cfg)
@@ -177,6 +180,7 @@ def run_evaluate(args) -> int:
     if args.mode:
         args.overrides = [*args.overrides, f"eval.mode={args.mode}"]
     cfg = _config_for(args)
+    check_split_dir(cfg.data.root, args.split or cfg.data.val_split)
     from rich.console import Console
 
     from cityseg.evaluate import evaluate
@@ -273,7 +277,7 @@ def run_weights(args) -> int:
     try:
         paths = fetch(cfg.model, args.cache_dir)
     except WeightsError as err:
-        sys.stderr.write(f"error: {err}\n")
+        report(f"error: {err}\n")
         return 1
     if not paths:
         print(f"nothing to fetch: model.encoder_weights is {cfg.model.encoder_weights!r}")
@@ -293,7 +297,6 @@ COMMANDS = {"train": run_train, "evaluate": run_evaluate, "predict": run_predict
 def user_errors() -> tuple[type, ...]:
     """The one-line error classes of the heavy modules, imported only now: a command that raised one loaded it."""
     from cityseg.checkpoint import CheckpointError
-    from cityseg.data.cityscapes import DataError
     from cityseg.engine import TrainingError
     from cityseg.model import ModelError
 
@@ -307,9 +310,10 @@ def _is_collective_failure(err: BaseException) -> bool:
 
 
 def report(line: str) -> None:
-    """Write an error line. Under torchelastic (accelerate launch) the launcher prints its own ~40-line failure
-    report after the processes exit: rank 0's line is then repeated after it, by a detached helper that waits (at
-    most 30 s) for the launcher to exit, so the reason is the last thing on the screen."""
+    """Write an error line; every one-line error of main() goes through here. Under torchelastic (accelerate
+    launch) the launcher prints its own ~40-line failure report after the processes exit: rank 0's line is then
+    repeated after it, by a detached helper that waits (at most 30 s) for the launcher to exit, so the reason is
+    the last thing on the screen."""
     sys.stderr.write(line)  # one write: ranks sharing a pipe do not interleave
     sys.stderr.flush()
     if "TORCHELASTIC_RUN_ID" not in os.environ or not _is_main_rank():
@@ -330,6 +334,9 @@ def main(argv: list[str] | None = None, parser: argparse.ArgumentParser | None =
     except ConfigError as err:
         report(f"{prefix}error: {_one_line(err)}\n")
         return EXIT_USAGE
+    except DataError as err:  # before user_errors(): a data.root checked before torch loaded stays fast
+        report(f"{prefix}error: {_one_line(err)}\n")
+        return 1
     except KeyboardInterrupt:  # Ctrl-C before training installed its handler (startup, evaluation)
         from cityseg.preemption import EXIT_INTERRUPTED
 
@@ -341,9 +348,9 @@ def main(argv: list[str] | None = None, parser: argparse.ArgumentParser | None =
             return 1
         if not (isinstance(err, RuntimeError) and _is_collective_failure(err)):
             raise
-        sys.stderr.write(f"[rank {os.environ.get('RANK', '0')}] error: a collective failed: another process died or "
-                         f"stalled past dist.timeout_minutes ({_one_line(err)}); the launcher's report names the "
-                         "rank that failed first\n")
+        report(f"[rank {os.environ.get('RANK', '0')}] error: a collective failed: another process died or stalled "
+               f"past dist.timeout_minutes ({_one_line(err)}); the launcher's report names the rank that failed "
+               "first\n")
         return 1
 
 

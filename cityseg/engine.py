@@ -73,12 +73,12 @@ def resume_point(cfg, output_dir: Path, accelerator, say) -> Path | None:
     if cfg.train.resume != "auto":
         path = Path(cfg.train.resume)
         checkpoint.verify(path)
-        say(f"resume: from {path}")
         return path
     chosen = [None]
     if accelerator.is_main_process:
         found = checkpoint.find_resume(output_dir, warn=say)
-        say(f"resume: from {found}" if found else "resume: no checkpoint in output_dir, starting fresh")
+        if not found:
+            say("resume: no checkpoint in output_dir, starting fresh")
         chosen = [str(found) if found else None]
     if accelerator.num_processes > 1:
         broadcast_object_list(chosen)
@@ -161,11 +161,15 @@ def restore(run: Run, steps_per_epoch: int) -> None:
                  "best_step": None, "nan_skipped": 0, **shape, "total_steps": run.total_steps}
     start_from = resume_point(cfg, run.output_dir, accelerator, run.console.print)
     if start_from is not None:
-        for change in resume_check.verdict(cfg, start_from):  # refuses a config that trains something else
+        changes = resume_check.verdict(cfg, start_from)  # refuses a config that trains something else
+        run.console.print(f"resume: from {start_from}")
+        for change in changes:
             run.console.print(f"resume: allowed change {change}")
         saved = resume_check.upgrade_trainer_state(checkpoint.read_trainer_state(start_from))
         run.state.update(checkpoint.adapt_position(saved, start_from, shape, steps_per_epoch, run.total_steps,
                                                    run.console.print, len(run.train_set)))
+        if note := resume_check.schedule_change(saved, run.state["step"], run.total_steps, cfg, run.lr_scale):
+            run.console.print(note)
         try:  # weights, optimizer, scaler, RNG (torch.load weights_only=True)
             accelerator.load_state(str(start_from))
         except Exception as err:  # noqa: BLE001 - name the checkpoint instead of a deep accelerate traceback
@@ -282,7 +286,7 @@ def loop_parts(run: Run) -> dict:
                     "speed": Speedometer(accelerator.device, accelerator.num_processes, flops, peak),
                     "profiler": StepProfiler(cfg.train.profile_steps, run.output_dir, accelerator.process_index,
                                              accelerator.device),
-                    "latest": {"loss": math.nan, "images_per_s": 0.0, "data_wait": 0.0}}
+                    "latest": {"loss": None, "images_per_s": None, "data_wait": None}}  # not measured yet
     return run.loop
 
 

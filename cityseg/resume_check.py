@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import copy
+import math
 from pathlib import Path
 
 import yaml
 
 from cityseg.config import Config, ConfigError, to_dict, upgrade_recorded
 from cityseg.normalization import resolve_normalization
+from cityseg.optim import lr_at, lr_scaling
 
 # Keys (or whole sections, ending in ".") that do not change what is trained: how it is run, logged, evaluated,
 # saved and tracked. Any key not matched here or below refuses a resume, so a key added later is safe by default.
@@ -88,9 +90,39 @@ def verdict(cfg, checkpoint_dir: Path) -> list[str]:
     if refused:
         raise ResumeRefused(
             f"{cfg.output_dir}: will not resume {checkpoint_dir}: the config changes what is trained "
-            f"({'; '.join(refused)}; recorded in {source}). To train this config, start a new run (name=<new> or "
-            "output_dir=<new dir>); to continue the old run, undo these changes")
+            f"({'; '.join(refused)}; recorded in {source}). To train this config as a new run, add "
+            f"output_dir={free_output_dir(cfg.output_dir)} to the command; to continue the old run, undo these "
+            "changes")
     return allowed
+
+
+def free_output_dir(output_dir: str) -> str:
+    """The first of <output_dir>-2, -3, ... that does not exist: advice that works as written (name=<new> does
+    not move a run whose config sets output_dir, as configs/demo.yaml does)."""
+    number = 2
+    while Path(f"{output_dir}-{number}").exists():
+        number += 1
+    return f"{output_dir}-{number}"
+
+
+def schedule_change(saved: dict, step: int, total_steps: int, cfg, lr_scale: float) -> str | None:
+    """A line when the resumed run's schedule has another length than the checkpoint's (train.epochs or
+    train.max_steps grew, or the steps per epoch changed): the LR is lr_at(step, total_steps), so it jumps."""
+    old_total = saved.get("total_steps")
+    if old_total is None or old_total == total_steps:
+        return None
+    old = copy.deepcopy(cfg)  # the checkpoint's run shape gave its LR factor (optim.lr_scaling)
+    old.data.batch_size = saved.get("batch_size", cfg.data.batch_size)
+    old.train.grad_accum = saved.get("grad_accum", cfg.train.grad_accum)
+    old_scale = lr_scaling(old, saved.get("world_size", 1))[0]
+    before = lr_at(saved["step"], old_total, cfg.optim) * old_scale
+    after = lr_at(step, total_steps, cfg.optim) * lr_scale
+    if math.isclose(before, after, rel_tol=1e-9, abs_tol=1e-15):
+        return None
+    word = "stretched" if total_steps > old_total else "shortened"
+    return (f"resume: the LR schedule is {word} from {old_total} to {total_steps} steps: at the resumed step {step} "
+            f"the LR jumps from {before:.3g} (the checkpoint's schedule) to {after:.3g}, then follows the "
+            f"{total_steps}-step schedule")
 
 
 def upgrade_trainer_state(saved: dict) -> dict:

@@ -183,10 +183,12 @@ class RunConsole:
             self.task = self.progress.add_task("train", total=self.total_steps, completed=first_step, status="")
             self.progress.start()
 
-    def step(self, step: int, epoch: int, loss: float, lr: float, images_per_s: float) -> None:
+    def step(self, step: int, epoch: int, loss: float | None, lr: float, images_per_s: float | None) -> None:
+        """loss / images_per_s are None until the first logged step measured them: shown as "—", not as 0."""
         if not self.is_main:
             return
-        status = f"epoch {epoch} loss {loss:.4f} lr {lr:.2e} {images_per_s:.1f} img/s{self.speed_note}"
+        status = (f"epoch {epoch} loss {'—' if loss is None else f'{loss:.4f}'} lr {lr:.2e} "
+                  f"{'—' if images_per_s is None else f'{images_per_s:.1f}'} img/s{self.speed_note}")
         if self.progress is not None:
             self.progress.update(self.task, completed=step, status=status)
         elif step % self.log_every == 0 or step == self.total_steps:

@@ -6,6 +6,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
+PROBE_TIMEOUT_S = 5  # the hub answers a HEAD request in well under a second when it can be reached
+
+
 class WeightsError(RuntimeError):
     """A one-line, user-facing reason the weights could not be fetched or found."""
 
@@ -82,15 +85,34 @@ def fetch(model_cfg, cache: str | Path | None = None) -> list[Path]:
     files = hub_files(model_cfg)
     if not files:
         return []
-    if os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0", "false", "False") and missing_files(model_cfg, cache):
+    missing = missing_files(model_cfg, cache)
+    if missing and os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0", "false", "False"):
         raise WeightsError("HF_HUB_OFFLINE is set: fetching needs the hub; unset it on a machine with internet")
+    if missing:
+        probe_hub(missing[0])  # hf_hub_download retries a network error for ~30 s; one quick question first
     paths = []
     for file in files:
         try:
             paths.append(Path(hf_hub_download(file.repo_id, file.filename, revision=file.revision,
                                               cache_dir=cache)))
         except Exception as err:  # noqa: BLE001 - no network, proxy, DNS, 404: all mean "not fetched"
-            raise WeightsError(f"cannot fetch {file.repo_id}/{file.filename} from the Hugging Face Hub "
-                               f"({type(err).__name__}: the hub cannot be reached or refused); run this on a "
-                               "machine with internet (e.g. a login node)") from None
+            raise not_fetched(file, err) from None
     return paths
+
+
+def not_fetched(file: HubFile, err: Exception) -> WeightsError:
+    return WeightsError(f"cannot fetch {file.repo_id}/{file.filename} from the Hugging Face Hub "
+                        f"({type(err).__name__}: the hub cannot be reached or refused); run this on a "
+                        "machine with internet (e.g. a login node)")
+
+
+def probe_hub(file: HubFile) -> None:
+    """One HEAD request for a file, without retries and with a short timeout (proxies honoured as for the
+    download): offline, it fails in seconds instead of after huggingface_hub's backoff."""
+    from huggingface_hub import get_hf_file_metadata, hf_hub_url
+
+    try:
+        get_hf_file_metadata(hf_hub_url(file.repo_id, file.filename, revision=file.revision),
+                             timeout=PROBE_TIMEOUT_S, retry_on_errors=False)
+    except Exception as err:  # noqa: BLE001 - the same "not fetched" as the download itself
+        raise not_fetched(file, err) from None

@@ -24,6 +24,7 @@ REPO = Path(__file__).resolve().parent.parent
 README = REPO / "README.md"
 CONFIG_DOC = REPO / "docs" / "configuration.md"
 ARCHITECTURE_DOC = REPO / "docs" / "architecture.md"
+DEVELOPMENT_DOC = REPO / "docs" / "development.md"
 COMMAND_TIMEOUT_S = 600  # one quick-start command on a loaded 2-core machine; normally a few seconds
 
 
@@ -69,13 +70,40 @@ def test_every_relative_link_resolves():
     assert not broken, "broken links (fix the link or the file/heading it points to):\n" + "\n".join(broken)
 
 
+def links_of(doc: Path) -> set[Path]:
+    return {(doc.parent / target.partition("#")[0]).resolve()
+            for target in re.findall(r"\[[^\]]*\]\(([^)\s]+)\)", without_code(doc.read_text()))}
+
+
 def test_readme_links_every_guide():
-    linked = {(REPO / target.partition("#")[0]).resolve()
-              for target in re.findall(r"\[[^\]]*\]\(([^)\s]+)\)", without_code(README.read_text()))}
+    """User guides from the README's Documentation table; contributor pages (architecture) from development.md,
+    which the README links."""
+    linked = links_of(README) | links_of(DEVELOPMENT_DOC)
     unlinked = [str(guide.relative_to(REPO)) for guide in sorted((REPO / "docs").glob("*.md"))
                 if guide.resolve() not in linked]
-    assert not unlinked, ("README.md does not link these guides; add a row to its Documentation table: "
-                          + ", ".join(unlinked))
+    assert DEVELOPMENT_DOC.resolve() in links_of(README), "README.md does not link docs/development.md"
+    assert not unlinked, ("neither README.md nor docs/development.md links these guides; add a row to the README's "
+                          "Documentation table (a user guide) or a link in docs/development.md: " + ", ".join(unlinked))
+
+
+CONTRIBUTOR_SPEAK = ("add its row", "add a row", "floor", "how this is tested", "tests/", "test_", "not yet run",
+                     "goal")
+
+
+def test_user_guides_speak_to_users():
+    """What a contributor needs (tests, the module map, rows to add) is in docs/development.md and
+    docs/architecture.md; the README and the user guides say what a user can do."""
+    contributor_pages = {DEVELOPMENT_DOC, ARCHITECTURE_DOC}
+    found = []
+    for doc in doc_files():
+        if doc in contributor_pages or doc.name in ("performance.md", "recipes.md"):  # being rewritten elsewhere
+            continue
+        for number, line in enumerate(doc.read_text().splitlines(), 1):
+            found += [f"{doc.relative_to(REPO)}:{number}: '{phrase}' in: {line.strip()}"
+                      for phrase in CONTRIBUTOR_SPEAK if phrase in line.lower()]
+    allowed = {"README.md"}  # the README names `bash tests/run.sh`, the one command a user runs the tests with
+    found = [f for f in found if not (f.split(":")[0] in allowed and "tests/run.sh" in f)]
+    assert not found, "contributor material in a user guide (move it to docs/development.md):\n" + "\n".join(found)
 
 
 # ---- the configuration reference ---------------------------------------------------------------------------------
@@ -352,3 +380,38 @@ def test_every_readme_command_parses_and_its_config_loads():
         except Exception as err:  # ConfigError names the key
             problems.append(f"README.md: `{line}`: {type(err).__name__}: {err}")
     assert not problems, "README commands that would not run:\n" + "\n".join(problems)
+
+
+def test_demo_script_trains_in_its_own_run_directory(tmp_path):
+    """launch/demo.sh in a copy of the repository's layout (2 steps): it never touches the quick start's runs/demo,
+    says when it replaces its own earlier run, and ends with the mIoU line the README quotes."""
+    for name in ("launch", "configs"):
+        (tmp_path / name).symlink_to(REPO / name)
+    for name in ("train.py", "pyproject.toml", "constraints.txt"):
+        (tmp_path / name).symlink_to(REPO / name)
+    (tmp_path / ".venv").symlink_to(Path(sys.prefix))  # launch/venv.sh finds it current and does nothing
+    quick_start_run = tmp_path / "runs" / "demo" / "model.safetensors"
+    quick_start_run.parent.mkdir(parents=True)
+    quick_start_run.write_bytes(b"the quick start's weights")
+    earlier_demo = tmp_path / "runs" / "demo-sh" / "earlier.txt"
+    earlier_demo.parent.mkdir()
+    earlier_demo.write_text("an earlier demo run")
+    result = subprocess.run(["bash", str(tmp_path / "launch" / "demo.sh"), "train.max_steps=2"], cwd=tmp_path,
+                            env=child_env(), capture_output=True, text=True, timeout=COMMAND_TIMEOUT_S)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    assert re.search(r"^demo done: validation mIoU \d\.\d{3} \(runs/demo-sh\)$", result.stdout, re.M), result.stdout
+    assert "launch/demo.sh: replacing the previous demo run in runs/demo-sh" in result.stdout
+    assert not earlier_demo.exists() and (tmp_path / "runs" / "demo-sh" / "model.safetensors").is_file()
+    assert quick_start_run.read_bytes() == b"the quick start's weights"
+
+
+def test_readme_cpu_multi_process_line_is_a_run_of_its_own_with_the_demos_global_batch():
+    """After the quick start, `runs/demo` holds a finished run: a launch into it would only find it and train
+    nothing; a doubled global batch would train half the steps."""
+    line = next(line for line in readme_command_lines() if "--num_processes 2 train.py" in line)
+    argv = shlex.split(line)
+    processes = int(argv[argv.index("--num_processes") + 1])
+    args = build_parser().parse_args(["train", *argv[argv.index("train.py") + 1:]])
+    launched, demo = load_config(REPO / args.config, args.overrides), load_config(REPO / "configs" / "demo.yaml")
+    assert launched.output_dir != demo.output_dir, f"README.md: `{line}` trains into the quick start's run"
+    assert launched.data.batch_size * processes == demo.data.batch_size, f"README.md: `{line}` changes the global batch"

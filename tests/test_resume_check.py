@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import yaml
 
 from cityseg.config import Config, load_config, to_dict
+from cityseg.optim import lr_at
 from cityseg.resume_check import ALLOWED, compare, flatten, upgrade_trainer_state
 from tests.conftest import cityseg, read_jsonl, tiny_overrides
 
@@ -68,8 +70,15 @@ def test_changed_run_refuses_to_resume_and_allowed_changes_are_logged(synth_root
     assert line.startswith("error: ") and "will not resume" in line and "step_00000002" in line
     for change in ("optim.lr 0.003 -> 0.0005", "loss.name 'dice+ce' -> 'ce'", "model.arch 'Unet' -> 'FPN'"):
         assert change in line
-    assert "name=<new>" in line and "Mismatched" not in changed.stderr + changed.stdout
+    assert "Mismatched" not in changed.stderr + changed.stdout
+    assert "resume: from" not in changed.stdout  # refused before it is announced
     assert (out / "config.yaml").read_text() == recorded  # a refused start writes nothing
+    advised = re.search(r"add (\S+) to the command", line).group(1)  # the advice, run as written
+    assert advised == f"output_dir={out}-2", line
+    new_run = cityseg("train", *CONFIG, *base, "optim.lr=5e-4", "loss.name=ce", "model.arch=FPN", advised)
+    assert new_run.returncode == 0, new_run.stderr[-3000:]
+    assert "resume: no checkpoint in output_dir, starting fresh" in new_run.stdout
+    assert (tmp_path / "run-2" / "model.safetensors").is_file() and (out / "config.yaml").read_text() == recorded
 
     check = cityseg("check", *CONFIG, *base, "optim.lr=5e-4")
     assert check.returncode == 1 and "✗ resume:" in check.stdout and "optim.lr 0.003 -> 0.0005" in check.stdout
@@ -83,6 +92,11 @@ def test_changed_run_refuses_to_resume_and_allowed_changes_are_logged(synth_root
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resume: allowed change train.log_every 1 -> 2" in resumed.stdout
     assert "resume: allowed change train.max_steps 2 -> 4" in resumed.stdout
+    lr_cfg = load_config("configs/demo.yaml", extended).optim  # the finished 2-step schedule ended at LR 0
+    assert (f"resume: the LR schedule is stretched from 2 to 4 steps: at the resumed step 2 the LR jumps from 0 "
+            f"(the checkpoint's schedule) to {lr_at(2, 4, lr_cfg):.3g}, then follows the 4-step schedule"
+            in resumed.stdout), resumed.stdout
+    assert resumed.stdout.index("resume: from") < resumed.stdout.index("resume: allowed change")
     assert yaml.safe_load((out / "config.yaml").read_text())["train"]["max_steps"] == 4
     assert [r["step"] for r in read_jsonl(out / "train_log.jsonl")] == [1, 2, 4]
 

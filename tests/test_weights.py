@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import socket
+import time
 from pathlib import Path
 
 import pytest
@@ -109,3 +110,25 @@ def test_fetch_fails_with_one_line_when_the_hub_cannot_be_reached(tmp_path):
     offline = cityseg(*args, env=offline_env(tmp_path / "hub"), timeout=300)
     assert offline.returncode == 1 and offline.stderr.strip().splitlines() == [
         "error: HF_HUB_OFFLINE is set: fetching needs the hub; unset it on a machine with internet"]
+
+
+def test_fetch_fails_in_seconds_when_the_hub_cannot_be_reached(tmp_path):
+    """huggingface_hub alone retries a refused connection with backoff for ~25 s more (32 s offline, as a user
+    measured); fetch asks once. The "hub" is a local port held bound but never listening: nothing leaves this
+    machine. Measured against the same command refused before any request (HF_HUB_OFFLINE: its start-up)."""
+    args = ["weights", "fetch", "--config", "configs/segformer_b0_1024x1024_160k.yaml"]
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        env = child_env(HF_HUB_CACHE=str(tmp_path / "hub"), HF_ENDPOINT=f"http://127.0.0.1:{closed.getsockname()[1]}")
+        env.pop("HF_HUB_OFFLINE")
+        start = time.perf_counter()
+        result = cityseg(*args, env=env, timeout=300)
+        asked = time.perf_counter() - start
+    start = time.perf_counter()
+    offline = cityseg(*args, env=offline_env(tmp_path / "hub"), timeout=300)
+    imports = time.perf_counter() - start
+    assert result.returncode == 1 and offline.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        "error: cannot fetch smp-hub/mit_b0.imagenet/config.json from the Hugging Face Hub (ConnectError: the hub "
+        "cannot be reached or refused); run this on a machine with internet (e.g. a login node)"], result.stderr
+    assert asked - imports < 5.0, f"failed after {asked:.1f} s, {asked - imports:.1f} s more than its start-up"

@@ -9,31 +9,16 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from cityseg.data.layout import IMAGE_SUFFIX, LABEL_SUFFIX, LAYOUT, DataError, check_split_dir
 from cityseg.data.transforms import sample_seed
 from cityseg.labels import known_label_ids
-
-IMAGE_SUFFIX = "_leftImg8bit.png"
-LABEL_SUFFIX = "_gtFine_labelIds.png"
-LAYOUT = "<root>/leftImg8bit/<split>/<city>/*_leftImg8bit.png with <root>/gtFine/<split>/<city>/*_gtFine_labelIds.png"
 
 cv2.setNumThreads(1)  # loader workers are the parallelism; OpenCV threads inside them only contend
 
 
-class DataError(ValueError):
-    """A one-line, user-facing problem with the dataset on disk (names the file)."""
-
-
 def find_pairs(root: str | Path, split: str) -> list[tuple[Path, Path]]:
     """All (image, label) pairs of a split, sorted by path; every image must have its label."""
-    root = Path(root)
-    if not root.is_dir():
-        raise DataError(f"data.root {root}: directory not found; expected the Cityscapes layout {LAYOUT}")
-    image_dir, label_dir = root / "leftImg8bit" / split, root / "gtFine" / split
-    for needed in (root / "leftImg8bit", root / "gtFine"):
-        if not needed.is_dir():
-            raise DataError(f"{needed}: missing; data.root must hold the Cityscapes layout {LAYOUT}")
-    if not image_dir.is_dir():
-        raise DataError(f"{image_dir}: split '{split}' not found; expected {LAYOUT}")
+    image_dir, label_dir = check_split_dir(root, split), Path(root) / "gtFine" / split
     images = sorted(image_dir.glob(f"*/*{IMAGE_SUFFIX}"))
     if not images:
         raise DataError(f"{image_dir}: no images in split '{split}'; expected {LAYOUT}")

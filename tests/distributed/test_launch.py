@@ -84,6 +84,24 @@ def test_multi_gpu_launch_without_gpus_is_stopped(synth_root, tmp_path):
     assert not (tmp_path / "run" / "config.yaml").exists() and not (tmp_path / "run" / "train_log.jsonl").exists()
 
 
+@pytest.mark.parametrize("override, message", [
+    ("train.max_stepz=1", "error: command line override 'train.max_stepz=1': unknown key 'train.max_stepz' (did you "
+                          "mean 'train.max_steps'?)"),
+    ("data.root=/nonexistent/cityscapes", "error: data.root /nonexistent/cityscapes: directory not found; expected "
+                                          "the Cityscapes layout <root>/leftImg8bit/<split>/<city>/*_leftImg8bit.png "
+                                          "with <root>/gtFine/<split>/<city>/*_gtFine_labelIds.png")])
+def test_a_one_line_error_under_accelerate_launch_is_the_last_line(override, message, tmp_path):
+    """2 processes: torch's ~40-line failure report follows the processes' errors; rank 0's line is repeated after
+    it, so the reason is what a user reads last."""
+    out = tmp_path / "run"
+    result = run(launch_cmd(2, "train.py", *CONFIG, f"output_dir={out}", override), timeout=300)
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1] == message, result.stderr[-3000:]
+    assert lines.count(message) == 2 and "ChildFailedError" in result.stderr  # rank 0's line, the report, again
+    assert not out.exists()
+
+
 @pytest.mark.slow
 def test_a_stalled_rank_fails_the_collective_after_dist_timeout_minutes(tmp_path):
     """dist.timeout_minutes=0.1 reaches the process group: gloo gives up after 6000 ms, not the 30-minute default."""

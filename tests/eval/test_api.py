@@ -83,6 +83,22 @@ def test_training_size_and_batch_tensors(trained_run, val_images):
     assert segmenter.colorize(full[0].numpy()).shape == (*images[0].shape[:2], 3)
 
 
+def test_predict_batch_takes_numpy_and_torch_channels_last_or_first(trained_run, val_images):
+    """What a user has at hand: read_image's (H, W, 3) arrays stacked, as numpy or torch, batched or not."""
+    segmenter = Segmenter.load(trained_run, device="cpu")
+    images = np.stack([read_image(path) for path in val_images[:2]])  # (B, H, W, 3) uint8
+    expected = segmenter.predict_batch(torch.from_numpy(images).permute(0, 3, 1, 2))
+    assert torch.equal(segmenter.predict_batch(images), expected)  # numpy NHWC
+    assert torch.equal(segmenter.predict_batch(torch.from_numpy(images)), expected)  # torch NHWC
+    assert torch.equal(segmenter.predict_batch(np.ascontiguousarray(images.transpose(0, 3, 1, 2))), expected)
+    assert torch.equal(segmenter.predict_batch(images[1]), expected[1:])  # one (H, W, 3) image
+    mean = np.array([0.485, 0.456, 0.406], dtype=np.float32).reshape(3, 1, 1)
+    std = np.array([0.229, 0.224, 0.225], dtype=np.float32).reshape(3, 1, 1)
+    normalized = (images[0].transpose(2, 0, 1).astype(np.float32) / 255 - mean) / std  # one (3, H, W) float
+    assert torch.equal(segmenter.predict_batch(normalized), expected[:1])
+    assert torch.equal(segmenter.logits(images), segmenter.logits(torch.from_numpy(images).permute(0, 3, 1, 2)))
+
+
 def test_a_checkpoint_directory_loads_with_its_own_config(trained_run, val_images):
     image = read_image(val_images[0])
     best = Segmenter.load(trained_run / "checkpoints" / "best", device="cpu")
@@ -97,8 +113,12 @@ def test_bad_inputs_say_what_was_expected(trained_run, tmp_path):
     segmenter = Segmenter.load(trained_run, device="cpu")
     with pytest.raises(ValueError, match=r"expected an \(H, W, 3\) uint8 RGB array, got float32"):
         segmenter.predict(np.zeros((8, 8, 3), dtype=np.float32))
-    with pytest.raises(ValueError, match=r"expected a \(B, 3, H, W\) batch"):
-        segmenter.predict_batch(torch.zeros(3, 8, 8, dtype=torch.uint8))
+    with pytest.raises(ValueError, match=r"expected images as \(B, 3, H, W\) or \(3, H, W\), or uint8 \(B, H, W, 3\)"):
+        segmenter.predict_batch(torch.zeros(2, 8, 8, 4, dtype=torch.uint8))
+    with pytest.raises(ValueError, match=r"got shape \(2, 8, 8, 3\) float32"):  # channels last: raw uint8 only
+        segmenter.predict_batch(np.zeros((2, 8, 8, 3), dtype=np.float32))
+    with pytest.raises(ValueError, match="expected a numpy array or torch tensor of images, got list"):
+        segmenter.predict_batch([np.zeros((8, 8, 3), dtype=np.uint8)])
     with pytest.raises(CheckpointError, match="no run directory"):
         Segmenter.load(tmp_path / "nothing")
     unfinished = tmp_path / "unfinished"
