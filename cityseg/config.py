@@ -13,7 +13,6 @@ import yaml
 
 from cityseg.model_names import ARCHITECTURES, SMP_ENCODERS, TIMM_MODELS
 
-
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # keys cityseg no longer reads: a config naming one is told what replaced it; a run's recorded config drops them
