@@ -16,7 +16,7 @@ import yaml
 
 from cityseg.gpu_diagnose import (COMPILE_VARIANTS, NEEDS_CUDA, diagnose_child, diagnosis_rows, run_child, tile_tree,
                                   variant_child)
-from cityseg.gpu_measure import STEP_VARIANTS, eval_child, loop_child, step_child
+from cityseg.gpu_measure import eval_child, loop_child, step_child
 
 REPO = Path(__file__).resolve().parents[1]
 # epoch_train: a Cityscapes epoch (2,975 images) on one GPU; share_steps: one GPU's share of it among 8 (11 steps

@@ -48,6 +48,6 @@ def test_a_weights_file_whose_pickle_runs_code_is_refused_without_running_it(tmp
     marker = tmp_path / "payload_ran"
     torch.save({"conv.weight": torch.zeros(1), "hook": CodeOnLoad(marker)}, tmp_path / "hostile.pth")
     cfg.model.encoder_weights = str(tmp_path / "hostile.pth")
-    with pytest.raises(ModelError, match=r"model.encoder_weights: cannot read .*hostile.pth: UnpicklingError") as err:
+    with pytest.raises(ModelError, match=r"model.encoder_weights: cannot read .*hostile.pth: UnpicklingError"):
         build_model(cfg.model, 19)
     assert not marker.exists()

@@ -6,7 +6,8 @@ import pytest
 import torch
 import yaml
 
-from cityseg.gpu_proof import QUICK, STEP_VARIANTS, proof_config
+from cityseg.gpu_measure import STEP_VARIANTS
+from cityseg.gpu_proof import QUICK, proof_config
 from tests.conftest import PYTHON, child_env, run
 
 pytestmark = pytest.mark.gpu
