@@ -113,7 +113,8 @@ def loss_timing(cfg, batch: int, steps: int) -> dict:
         for _ in range(steps):
             loss_fn(logits, masks).backward()
         _sync(device)
-        result[name] = {"class": f"{type(loss_fn).__module__}.{type(loss_fn).__name__}",
+        pixel_loss = getattr(loss_fn, "loss", loss_fn)  # build_loss's OutputLoss holds the pixel loss
+        result[name] = {"class": f"{type(pixel_loss).__module__}.{type(pixel_loss).__name__}",
                         "ms_per_call": 1000 * (time.perf_counter() - started) / steps}
     result["configured"]["loss.name"] = cfg.loss.name
     return {"batch": batch, **result}

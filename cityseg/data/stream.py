@@ -34,6 +34,11 @@ class EpochBatches(Sampler[list]):
         skipped = EpochSampler.skipped(epoch, self.resume or self.sampler.resume)
         return rank_batches(self.sampler.order(epoch)[skipped:], self.batch_size, self.rank, self.world)
 
+    def count(self, epoch: int) -> int:
+        """len(self.batches(epoch)), without drawing the epoch's order (the loop asks every step)."""
+        skipped = EpochSampler.skipped(epoch, self.resume or self.sampler.resume)
+        return (self.sampler.num_samples - skipped) // self.batch_size // self.world
+
     def __iter__(self):
         epochs = itertools.count(self.first_epoch) if self.epochs is None else range(self.first_epoch, self.epochs)
         for epoch in epochs:
@@ -66,7 +71,7 @@ class TrainStream(DataLoaderStateMixin):
             self.epoch, self.taken = epoch, 0
 
     def __len__(self) -> int:
-        return len(self.batch_sampler.batches(self.batch_sampler.first_epoch if self.epoch is None else self.epoch))
+        return self.batch_sampler.count(self.batch_sampler.first_epoch if self.epoch is None else self.epoch)
 
     def __iter__(self):
         if self.iterator is None:

@@ -92,8 +92,8 @@ def test_predict_batch_takes_numpy_and_torch_channels_last_or_first(trained_run,
     assert torch.equal(segmenter.predict_batch(torch.from_numpy(images)), expected)  # torch NHWC
     assert torch.equal(segmenter.predict_batch(np.ascontiguousarray(images.transpose(0, 3, 1, 2))), expected)
     assert torch.equal(segmenter.predict_batch(images[1]), expected[1:])  # one (H, W, 3) image
-    mean = np.array([0.485, 0.456, 0.406], dtype=np.float32).reshape(3, 1, 1)
-    std = np.array([0.229, 0.224, 0.225], dtype=np.float32).reshape(3, 1, 1)
+    mean = np.array(segmenter.cfg.data.mean, dtype=np.float32).reshape(3, 1, 1)  # the run's recorded normalization
+    std = np.array(segmenter.cfg.data.std, dtype=np.float32).reshape(3, 1, 1)
     normalized = (images[0].transpose(2, 0, 1).astype(np.float32) / 255 - mean) / std  # one (3, H, W) float
     assert torch.equal(segmenter.predict_batch(normalized), expected[:1])
     assert torch.equal(segmenter.logits(images), segmenter.logits(torch.from_numpy(images).permute(0, 3, 1, 2)))

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from cityseg.checkpoint import load_weights
+from cityseg.config import ModelConfig
 from cityseg.inference import segment_logits, sliding_logits, upsampled_argmax, window_starts
 from cityseg.model import build_model
 
@@ -61,8 +62,8 @@ def test_sliding_window_pads_odd_windows_to_32():
 
 @pytest.fixture(scope="module")
 def trained_model(trained_run):
-    model = build_model(types.SimpleNamespace(arch="Unet", encoder="tu-tf_mobilenetv3_small_minimal_100",
-                                              encoder_weights=None), 19)
+    model = build_model(ModelConfig(arch="Unet", encoder="tu-tf_mobilenetv3_small_minimal_100",
+                                    encoder_weights=None), 19)
     load_weights(model, trained_run)
     return model.eval()
 

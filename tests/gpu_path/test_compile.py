@@ -18,7 +18,7 @@ def test_train_compile_wraps_model_and_loss(synth_root, tmp_path, compiled):
     assert isinstance(run.model, OptimizedModule) is compiled
     assert isinstance(run.loss_fn, OptimizedModule) is compiled
     loss = run.loss_fn._orig_mod if compiled else run.loss_fn
-    assert isinstance(loss, DiceCELoss)  # the demo's loss.name: dice+ce
+    assert isinstance(loss.loss, DiceCELoss)  # the demo's loss.name: dice+ce, inside OutputLoss
 
 
 @pytest.mark.parametrize("name", ["dice", "ce", "dice+ce", "weighted_ce"])

@@ -133,7 +133,7 @@ def check_diagnosis(report: dict) -> None:
     for row in diagnosis["batch_sweep"].values():
         assert len(row["repeats_s"]) == 3 and row["images_per_s"] > 0, row
     loss = diagnosis["loss"]
-    assert loss["configured"]["loss.name"] == "dice" and loss["configured"]["class"].startswith("segmentation")
+    assert loss["configured"]["loss.name"] == "dice" and loss["configured"]["class"] == "cityseg.losses.DiceLoss"
     assert loss["configured"]["ms_per_call"] > 0 and loss["smp_dice_one_hot"]["ms_per_call"] > 0
     variants = report["variants"]
     assert variants["compile_model_and_loss"]["backend"] == "eager", variants  # traced, no code generated on CPU
