@@ -17,6 +17,7 @@ TRAINER_STATE = "trainer_state.json"  # step, epoch, samples of it trained, best
 MODEL_FILE = "model.safetensors"
 EMA_FILE = "ema.safetensors"  # the EMA of the weights (train.ema_decay): what validation measured, so what is exported
 EMA_RANK_FILE = "ema_buffers_{rank}.safetensors"  # each other rank's own EMA BatchNorm statistics
+RANK_BUFFERS_FILE = "model_buffers_{rank}.safetensors"  # each other rank's own BatchNorm statistics and counters
 CONFIG_FILE = "config.yaml"  # the run's resolved config, copied into each checkpoint: export needs nothing else
 
 
@@ -57,8 +58,9 @@ def write_json_atomic(path: Path, payload: dict) -> None:
     tmp.replace(path)
 
 
-def save(accelerator, output_dir: str | Path, trainer_state: dict, keep_last: int) -> Path:
-    """Save on every rank into a temporary directory; the main process seals it with a rename when all are done."""
+def save(accelerator, output_dir: str | Path, trainer_state: dict, keep_last: int, model=None) -> Path:
+    """Save on every rank into a temporary directory; the main process seals it with a rename when all are done.
+    Every other rank also writes the buffers of its bare `model` (BatchNorm statistics follow each rank's batches)."""
     final = step_dir(output_dir, trainer_state["step"])
     tmp = final.with_name(f".tmp_{final.name}")
     if accelerator.is_main_process:
@@ -68,6 +70,8 @@ def save(accelerator, output_dir: str | Path, trainer_state: dict, keep_last: in
     try:
         accelerator.save_state(str(tmp))  # all ranks: the main one writes model/optimizer/..., each its RNG state
         _fsync_file(tmp / f"random_states_{accelerator.process_index}.pkl")  # on the rank (node) that wrote it
+        if model is not None and not accelerator.is_main_process:
+            save_rank_buffers(model, tmp / RANK_BUFFERS_FILE.format(rank=accelerator.process_index))
     except (OSError, RuntimeError, SafetensorError) as err:  # torch.save says RuntimeError for a full disk
         raise _write_failed(output_dir, tmp, err) from None
     accelerator.wait_for_everyone()
@@ -95,6 +99,36 @@ def save(accelerator, output_dir: str | Path, trainer_state: dict, keep_last: in
         prune(Path(output_dir), keep_last)
     accelerator.wait_for_everyone()
     return final
+
+
+def save_rank_buffers(module, path: Path, floating_only: bool = False) -> None:
+    """One rank's own buffers, durable on the node that wrote them. DDP broadcasts the main rank's BatchNorm
+    statistics only at the next training forward, so with the main file alone a validation right after a resume
+    would average the main rank's statistics with copies of themselves instead of every rank's own."""
+    state = {name: tensor.detach().cpu().contiguous() for name, tensor in module.named_buffers()
+             if tensor.is_floating_point() or not floating_only}
+    if state:
+        path.parent.mkdir(parents=True, exist_ok=True)  # the main process may not have made it yet
+        save_file(state, str(path), metadata={"format": "pt"})
+        _fsync_file(path)
+
+
+def load_rank_buffers(module, checkpoint_dir: Path, rank: int, file_pattern: str = RANK_BUFFERS_FILE) -> bool:
+    """This rank's own buffers from a checkpoint of the same world size, over the main rank's loaded before; False
+    when the checkpoint has none for this rank (rank 0, another world size, or written before they were saved)."""
+    path = Path(checkpoint_dir) / file_pattern.format(rank=rank)
+    if rank == 0 or not path.is_file():
+        return False
+    try:
+        state = load_file(str(path), device="cpu")
+        unexpected = set(state) - {name for name, _ in module.named_buffers()}
+        if unexpected:
+            raise KeyError(f"unexpected {sorted(unexpected)[0]}")
+        module.load_state_dict(state, strict=False)
+    except Exception as err:  # noqa: BLE001 - a foreign or truncated file
+        raise CheckpointError(f"{path}: cannot be loaded as this rank's buffers "
+                              f"({type(err).__name__}: {str(err).splitlines()[0][:200]})") from None
+    return True
 
 
 def _write_failed(output_dir: str | Path, tmp: Path, err: Exception) -> CheckpointError:

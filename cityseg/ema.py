@@ -2,13 +2,12 @@
 from __future__ import annotations
 
 import copy
-import os
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from cityseg.checkpoint import EMA_FILE, EMA_RANK_FILE, CheckpointError
+from cityseg.checkpoint import EMA_FILE, EMA_RANK_FILE, CheckpointError, load_rank_buffers, save_rank_buffers
 
 
 class WeightEMA:
@@ -44,23 +43,13 @@ class WeightEMA:
         save_file(state, str(Path(directory) / EMA_FILE), metadata={"format": "pt"})
 
     def save_rank_buffers(self, directory: str | Path, rank: int) -> None:
-        """A rank other than the main one saves its own floating-point buffers: each rank's BatchNorm statistics
-        follow its own batches (DDP broadcasts only the live model's), so the main file alone would resume this
-        rank with the main rank's averages, and the next validation's averaged statistics would differ."""
-        state = {name: tensor.detach().cpu().contiguous() for name, tensor in self.module.named_buffers()
-                 if tensor.is_floating_point()}
-        if state:
-            path = Path(directory) / EMA_RANK_FILE.format(rank=rank)
-            save_file(state, str(path), metadata={"format": "pt"})
-            with open(path, "rb") as handle:  # durable on the node that wrote it, as its RNG state
-                os.fsync(handle.fileno())
+        """A rank other than the main one saves its own floating-point buffers (its BatchNorm statistics)."""
+        save_rank_buffers(self.module, Path(directory) / EMA_RANK_FILE.format(rank=rank), floating_only=True)
 
     def load(self, directory: str | Path, rank: int = 0) -> None:
         """The main file, then this rank's own buffers where the checkpoint has them (same world size)."""
         self._load(Path(directory) / EMA_FILE, strict=True)
-        own = Path(directory) / EMA_RANK_FILE.format(rank=rank)
-        if rank > 0 and own.is_file():
-            self._load(own, strict=False)
+        load_rank_buffers(self.module, Path(directory), rank, EMA_RANK_FILE)
 
     def _load(self, path: Path, strict: bool) -> None:
         if not path.is_file():  # resume_check refuses a config that turned EMA on since: this checkpoint lost it
@@ -88,7 +77,6 @@ def attach_ema(accelerator, model: torch.nn.Module, decay: float | None) -> Weig
         if accelerator.is_main_process:
             ema.save(output_dir)
         else:
-            Path(output_dir).mkdir(parents=True, exist_ok=True)  # the main process may not have made it yet
             ema.save_rank_buffers(output_dir, accelerator.process_index)
 
     def load_hook(models, input_dir):

@@ -58,6 +58,7 @@ class Run:
     ema: object = None  # cityseg.ema.WeightEMA when train.ema_decay is set: validated and exported instead
     lr_scale: float = 1.0  # optim.lr_scaling when the global batch differs from train.reference_global_batch
     loop: dict | None = None  # train_epoch's parts kept across epochs: device counters, stop vote, throughput
+    stop_after_epoch: bool = False  # a stop agreed on an epoch's last step: leave after its validation and save
 
 
 def resume_point(cfg, output_dir: Path, accelerator, say) -> Path | None:
@@ -176,6 +177,9 @@ def restore(run: Run, steps_per_epoch: int) -> None:
             checkpoint.load_weights(accelerator.unwrap_model(run.model), start_from)  # names the first mismatch
             raise checkpoint.CheckpointError(f"{start_from}: cannot be loaded into this run's model/optimizer "
                                              f"({type(err).__name__}: {str(err).splitlines()[0][:300]})") from None
+        if saved.get("world_size") == accelerator.num_processes:  # each rank's own BatchNorm statistics
+            checkpoint.load_rank_buffers(unwrap_for_eval(accelerator, run.model), start_from,
+                                         accelerator.process_index)
         accelerator.step = 0  # the resumed pass opens an accumulation window (its micro-batch count was restored)
         run.latest, run.last_saved_step = start_from, run.state["step"]
     if accelerator.is_main_process:  # the run really starts: record its config; drop a killed attempt's records
@@ -215,6 +219,8 @@ def train_loop(cfg, stop: StopFlag) -> int:
         epoch_save = cfg.train.epochs is not None or not cfg.checkpoint.every_steps
         if (epoch_save and run.last_saved_step != run.state["step"]) or evaluated:  # also a resumed step's epoch end
             save(run, best_candidate=True)
+        if run.stop_after_epoch:  # the checkpoint holds the epoch's end as a run never stopped has it
+            return preempt(run, stop)
     return finish(run)
 
 
@@ -228,6 +234,7 @@ def train_epoch(run: Run, stop: StopFlag) -> int | None:
     # the epoch's order is the same for any run shape: a resumed epoch skips the samples trained before the stop
     epoch_sampler(run.loader).start_at(epoch, checkpoint.samples_in_epoch(state))  # batch_in_epoch is 0 here
     loop = loop_parts(run)
+    batches = len(run.loader)  # 0 after a resume at this epoch's end: only its validation and save are left
     run.model.train()
     for images, masks, extra in loop["data_wait"].timed(run.loader):
         if cfg.data.cache.dir and cfg.data.cache.device_augment:  # uint8 samples + their augmentation (theta)
@@ -258,16 +265,19 @@ def train_epoch(run: Run, stop: StopFlag) -> int | None:
                        **loop["latest"]})
         if last:
             break  # the last step: finish normally (evaluate, save) even if a stop was asked for
-        if stop_agreed:
-            return preempt(run, stop)
         if evaluate_now:
             validate(run)
             save(run, best_candidate=True)
             run.model.train()
         elif save_now:
             save(run, best_candidate=False)
+        if stop_agreed:  # after this step's validation and save: the checkpoint is what a run never stopped had
+            if not ends_epoch:
+                return preempt(run, stop)
+            run.stop_after_epoch = True  # the epoch's end (validation, save) first: train_loop then stops
     read_step_stats(run, epoch)
-    run.console.print(loop["speed"].epoch_verdict(epoch + 1))
+    if batches:
+        run.console.print(loop["speed"].epoch_verdict(epoch + 1))
     return None
 
 
@@ -336,7 +346,8 @@ def save(run: Run, best_candidate: bool) -> Path:
     Every validation is followed by a save: the next throughput window starts here."""
     state = run.state
     run.last_saved_step = state["step"]
-    run.latest = checkpoint.save(run.accelerator, run.output_dir, state, run.cfg.checkpoint.keep_last)
+    run.latest = checkpoint.save(run.accelerator, run.output_dir, state, run.cfg.checkpoint.keep_last,
+                                 model=unwrap_for_eval(run.accelerator, run.model))
     if best_candidate and run.accelerator.is_main_process and state["best_step"] == state["step"]:
         if checkpoint.update_best(run.output_dir, run.latest, state["best_mIoU"], state["step"]):
             run.wandb_run.log_best_checkpoint(run.output_dir / "checkpoints" / "best", state)
@@ -347,7 +358,7 @@ def save(run: Run, best_candidate: bool) -> Path:
 def preempt(run: Run, stop: StopFlag) -> int:
     """Checkpoint now and leave: exit 75 (requeue) for SIGTERM/USR1, exit 130 (stop for good) for Ctrl-C."""
     step = run.state["step"]
-    saved = save(run, best_candidate=False)
+    saved = run.latest if run.last_saved_step == step else save(run, best_candidate=False)
     run.console.close()
     interrupted = stop.received == "SIGINT"  # a user's Ctrl-C: stop for good, no requeue
     code = EXIT_INTERRUPTED if interrupted else EXIT_REQUEUE
