@@ -1,1 +1,1 @@
-"""Test package (so conftest helpers import as tests.conftest, once)."""
+"""Test package (so the shared helpers import as tests.helpers.<module>, once)."""

@@ -1,18 +1,15 @@
-"""Shared test helpers: real subprocesses of the real CLI, a synthetic Cityscapes tree, free ports."""
+"""Fixtures and hooks of the whole suite: the gpu marker's rules, clean process-wide state after each test, a
+synthetic Cityscapes tree and one short training run. Plain helpers live in tests/helpers."""
 from __future__ import annotations
 
-import json
-import os
 import signal
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-PYTHON = sys.executable
+from tests.helpers.process import PYTHON, run
+from tests.helpers.runs import tiny_overrides
 
 
 GPU_NOTICE = ("{n} CUDA test(s) (marker gpu) deselected: CI machines have no GPU; on a GPU machine run "
@@ -44,52 +41,6 @@ def pytest_terminal_summary(terminalreporter, config):
 GPU_DESELECTED = pytest.StashKey[int]()
 
 
-def child_env(**extra: str) -> dict:
-    """Environment for child processes: this checkout first on the path, CPU gloo, no W&B network, 1 thread."""
-    env = dict(os.environ)
-    env.update(PYTHONPATH=str(REPO), ACCELERATE_USE_CPU="1", WANDB_MODE="offline", WANDB_SILENT="true",
-               OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1")
-    env.pop("WANDB_API_KEY", None)
-    env.update(extra)
-    return env
-
-
-def run(args: list[str], timeout: float = 600, env: dict | None = None, cwd: Path = REPO,
-        **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run([str(a) for a in args], cwd=cwd, env=env or child_env(), capture_output=True, text=True,
-                          timeout=timeout, **kwargs)
-
-
-def cityseg(*args, **kwargs) -> subprocess.CompletedProcess:
-    """`python -m cityseg ...` in a child process."""
-    return run([PYTHON, "-m", "cityseg", *args], **kwargs)
-
-
-def free_port() -> int:
-    """A port free now, for a command that must be told one in advance (two launchers meeting on it). It can be
-    taken before the command binds it: where one launcher binds alone, pass port 0 instead (see launch_cmd)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def launch_cmd(num_processes: int, *target: str, port: int = 0) -> list[str]:
-    """`accelerate launch` of N CPU processes over gloo (needs ACCELERATE_USE_CPU=1, set by child_env). Port 0: the
-    launcher picks a free port itself, just before it binds it (not seconds earlier, in this process)."""
-    return [PYTHON, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(num_processes),
-            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-            "--main_process_port", str(port), *target]
-
-
-def tiny_overrides(root: Path, output_dir: Path, **extra) -> list[str]:
-    """A run small enough for 2 CPU cores: 64x128 images, batch 4, no loader workers, W&B off."""
-    values = {"data.root": root, "output_dir": output_dir, "data.image_size": "[64,128]", "data.batch_size": 4,
-              "data.num_workers": 0, "train.epochs": 1, "train.log_every": 1, "tracking.wandb.mode": "disabled",
-              "optim.warmup_steps": 0}
-    values.update({k.replace("__", "."): v for k, v in extra.items()})
-    return [f"{k}={v}" for k, v in values.items()]
-
-
 @pytest.fixture(autouse=True)
 def fresh_accelerate_state():
     """accelerate keeps one process-wide state: a test that made an Accelerator in this process (evaluate, export,
@@ -116,21 +67,6 @@ def signal_handlers_unchanged():
         if handler is not None:
             signal.signal(signum, handler)
     assert not changed, f"signal handlers left changed by the test: {', '.join(changed)}"
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
-
-
-def rank_reports(stdout: str) -> list[dict]:
-    """The {"rank": ...} objects that processes sharing one stdout printed: two ranks' lines may interleave
-    (one rank's newline after the other's object), so objects are decoded where they start, not per line."""
-    decoder, found, start = json.JSONDecoder(), [], stdout.find('{"rank"')
-    while start != -1:
-        report, end = decoder.raw_decode(stdout, start)
-        found.append(report)
-        start = stdout.find('{"rank"', end)
-    return found
 
 
 @pytest.fixture(scope="session")

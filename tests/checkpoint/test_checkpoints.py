@@ -6,10 +6,11 @@ import shutil
 
 import pytest
 
-from tests.checkpoint.harness import (assert_exit, final_weights, logged_steps, max_abs_diff, sealed_steps, train,
-                                      trainer_state, unsealed_dirs)
+from tests.helpers.files import CodeOnLoad
+from tests.helpers.process import cityseg, train
+from tests.helpers.runs import (assert_exit, final_weights, logged_steps, max_abs_diff, read_jsonl, sealed_steps,
+                                trainer_state, unsealed_dirs)
 from cityseg.cli import main as cityseg_main
-from tests.conftest import cityseg, read_jsonl
 
 # 16 images, batch 4: 4 steps per epoch, 2 epochs, a checkpoint after every step, the last 2 kept
 KEPT = dict(train__epochs=2, checkpoint__every_steps=1, checkpoint__keep_last=2, optim__lr=0.005)
@@ -100,18 +101,6 @@ def test_config_and_directory_mistakes_are_one_line_errors(synth_root, kept_run,
     assert_exit(bad_signal, 2)
     assert bad_signal.stderr.strip().splitlines() == [
         "error: train.preempt_signals: 'SIGKILL' is not a signal a process can catch (e.g. SIGUSR1, SIGTERM)"]
-
-
-class CodeOnLoad:
-    """A pickle that runs a command when loaded: what a hostile optimizer.bin / random_states file would carry."""
-
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        import os
-
-        return os.system, (f"touch {self.marker}",)
 
 
 @pytest.mark.parametrize("target, message", [

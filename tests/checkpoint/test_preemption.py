@@ -6,9 +6,8 @@ import signal
 
 import pytest
 
-from tests.checkpoint.harness import (assert_exit, final_weights, finish, group_pids, logged_steps, max_abs_diff,
-                                      sealed_steps, start, train, trainer_state, unsealed_dirs, wait_for)
-from tests.conftest import child_env
+from tests.helpers.process import child_env, finish, group_pids, start, train, wait_for
+from tests.helpers.runs import assert_exit, assert_same_run, sealed_steps, trainer_state, unsealed_dirs
 
 # 16 images, batch 2: 8 steps in the epoch, a checkpoint after every one; 2 loader workers to be signalled too
 ONE = dict(data__batch_size=2, data__num_workers=2, checkpoint__every_steps=1, checkpoint__keep_last=20)
@@ -19,11 +18,6 @@ def straight_one(synth_root, tmp_path_factory):
     out = tmp_path_factory.mktemp("straight1") / "run"
     assert_exit(train(synth_root, out, **ONE), 0)
     return out
-
-
-def assert_same_run(resumed, straight) -> None:
-    assert max_abs_diff(final_weights(resumed), final_weights(straight)) == 0.0
-    assert logged_steps(resumed) == logged_steps(straight)  # every step's loss and LR, before and after the resume
 
 
 def test_signal_to_every_process_checkpoints_requeues_and_resumes_identically(synth_root, straight_one, tmp_path):

@@ -6,10 +6,8 @@ import signal
 
 import pytest
 
-from tests.checkpoint.harness import (assert_exit, finish, rank_pids, sealed_steps, start, train, trainer_state,
-                                      unsealed_dirs, wait_for)
-from tests.checkpoint.test_preemption import assert_same_run
-from tests.conftest import child_env
+from tests.helpers.process import child_env, finish, rank_pids, start, train, wait_for
+from tests.helpers.runs import assert_exit, assert_same_run, sealed_steps, trainer_state, unsealed_dirs
 
 pytestmark = pytest.mark.slow
 # 16 images, batch 2, 2 ranks: 4 steps per epoch, a checkpoint after every one

@@ -10,9 +10,9 @@ from accelerate.data_loader import SeedableRandomSampler
 
 from cityseg.checkpoint import adapt_position, samples_in_epoch
 from cityseg.data.sampler import EpochSampler
-from tests.checkpoint.harness import assert_exit, sealed_steps, train, trainer_state
+from tests.helpers.process import child_env, train
+from tests.helpers.runs import assert_exit, read_jsonl, sealed_steps, trainer_state
 from tests.checkpoint.record_samples import RECORD_ENV
-from tests.conftest import child_env, read_jsonl
 
 pytestmark = pytest.mark.slow
 RECORD = "tests/checkpoint/record_samples.py"

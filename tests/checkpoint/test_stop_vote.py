@@ -9,8 +9,8 @@ import signal
 import pytest
 
 from cityseg.preemption import CALIBRATION_STEPS
-from tests.checkpoint.harness import finish, rank_pids, sealed_steps, start, trainer_state, unsealed_dirs, wait_for
-from tests.conftest import child_env, read_jsonl
+from tests.helpers.process import child_env, finish, rank_pids, start, wait_for
+from tests.helpers.runs import read_jsonl, sealed_steps, trainer_state, unsealed_dirs
 
 pytestmark = pytest.mark.slow
 # batch 1: 16 images give 8 (2 ranks) or 5 (3 ranks) steps per epoch; iteration-based with no saves and no

@@ -12,9 +12,9 @@ import yaml
 
 from cityseg.cli import build_parser
 from cityseg.config import load_config
-from tests.conftest import PYTHON, REPO, child_env, cityseg, run, tiny_overrides
+from tests.helpers.process import CONFIG, PYTHON, REPO, child_env, cityseg, run
+from tests.helpers.runs import tiny_overrides
 
-CONFIG = ["--config", "configs/demo.yaml"]
 HEAVY = ("torch", "segmentation_models_pytorch", "accelerate", "wandb", "timm", "cv2")
 
 

@@ -16,7 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from tests.cluster.conftest import HOSTS, Cluster, job_log, tiny
+from tests.helpers.cluster import HOSTS, Cluster, job_log, tiny
 
 FAULTS = ["host loss", "rank crash", "preemption"]
 

@@ -8,8 +8,7 @@ import shutil
 import subprocess
 import sys
 
-from tests.cluster.conftest import REPO, job_log, tiny
-from tests.cluster.helpers import final_step
+from tests.helpers.cluster import REPO, final_step, job_log, tiny
 
 
 def test_rank_1_trains_on_another_host_over_the_cluster_network(reference_run, netcluster):

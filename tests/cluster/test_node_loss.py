@@ -3,8 +3,7 @@ from __future__ import annotations
 
 import time
 
-from tests.cluster.conftest import job_log, tiny
-from tests.cluster.helpers import assert_same_weights, final_step
+from tests.helpers.cluster import assert_same_weights, final_step, job_log, tiny
 
 
 def test_host_killed_and_back_within_seconds_restarts_inside_the_allocation(cluster, cluster_data, reference_run,

@@ -4,8 +4,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from tests.cluster.conftest import REPO, job_log, tiny
-from tests.cluster.helpers import assert_same_weights, final_step, preempted_step
+from tests.helpers.cluster import REPO, assert_same_weights, final_step, job_log, preempted_step, tiny
 
 SLOW_SAVE = Path(__file__).resolve().parent / "slow_save"  # sitecustomize: a save after a stop starts late
 

@@ -5,8 +5,7 @@ import os
 import re
 import signal
 
-from tests.cluster.conftest import job_log, tiny
-from tests.cluster.helpers import assert_same_weights, final_step
+from tests.helpers.cluster import assert_same_weights, final_step, job_log, tiny
 
 
 def kill_rank_at_step(cluster, log_dir, job: str, rank: int, host: str, step: int) -> int:

@@ -7,8 +7,7 @@ import shlex
 import subprocess
 import sys
 
-from tests.cluster.conftest import REPO, job_log, tiny
-from tests.cluster.helpers import final_step
+from tests.helpers.cluster import REPO, final_step, job_log, tiny
 
 CONFIG = "configs/demo.yaml"
 

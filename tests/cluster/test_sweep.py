@@ -10,8 +10,7 @@ import sys
 
 import yaml
 
-from tests.cluster.conftest import REPO, tiny
-from tests.cluster.helpers import final_step
+from tests.helpers.cluster import REPO, final_step, tiny
 
 
 def submit(*args: str, env: dict | None = None, prefix: list[str] = ()) -> subprocess.CompletedProcess:

@@ -9,6 +9,7 @@ from cityseg.config import load_config
 from cityseg.data.cityscapes import DataError, find_pairs, read_pair
 from cityseg.data.loaders import eval_dataset, train_dataset
 from cityseg.labels import IGNORE_INDEX, label_lut
+from tests.helpers.files import copy_tree
 
 
 def test_pairs_are_found_sorted_and_matched(synth_root):
@@ -19,12 +20,6 @@ def test_pairs_are_found_sorted_and_matched(synth_root):
         assert image.name[: -len("_leftImg8bit.png")] == label.name[: -len("_gtFine_labelIds.png")]
         assert image.parent.name == label.parent.name  # same city
     assert len(find_pairs(synth_root, "val")) == 7
-
-
-def copy_tree(src, tmp_path):
-    root = tmp_path / "cs"
-    shutil.copytree(src, root)
-    return root
 
 
 @pytest.mark.parametrize("breakage, message", [

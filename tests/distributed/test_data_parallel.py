@@ -7,11 +7,10 @@ import subprocess
 
 import pytest
 
-from tests.conftest import (PYTHON, REPO, child_env, cityseg, free_port, launch_cmd, read_jsonl, run,
-                            tiny_overrides)
+from tests.helpers.process import CONFIG, PYTHON, REPO, child_env, cityseg, free_port, launch_cmd, run
+from tests.helpers.runs import read_jsonl, tiny_overrides
 
 pytestmark = pytest.mark.slow
-CONFIG = ["--config", "configs/demo.yaml"]
 
 
 def config_launch(config_file: str, num_processes: int, *target: str, port: int = 0) -> list[str]:

@@ -6,9 +6,8 @@ import math
 import pytest
 import torch
 
-from tests.conftest import child_env, cityseg, launch_cmd, read_jsonl, run, tiny_overrides
-
-CONFIG = ["--config", "configs/demo.yaml"]
+from tests.helpers.process import CONFIG, child_env, cityseg, launch_cmd, run
+from tests.helpers.runs import read_jsonl, tiny_overrides
 
 
 @pytest.fixture

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from tests.conftest import PYTHON, run
+from tests.helpers.process import PYTHON, run
 
 pytestmark = pytest.mark.slow
 SCRIPT = "tests/distributed/record_shards.py"

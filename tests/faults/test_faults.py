@@ -18,22 +18,8 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from cityseg import checkpoint
-from tests.conftest import REPO, PYTHON, child_env, launch_cmd, read_jsonl, run, tiny_overrides
-
-
-def worker_pids(launcher_pid: int) -> dict[str, int]:
-    """{RANK: pid} of the launcher's child processes, read from /proc."""
-    found = {}
-    for entry in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            parent = int(open(f"/proc/{entry}/stat").read().rsplit(")", 1)[1].split()[1])
-            environ = open(f"/proc/{entry}/environ", "rb").read().split(b"\0")
-        except OSError:
-            continue
-        if parent == launcher_pid:
-            env = dict(item.decode(errors="replace").split("=", 1) for item in environ if b"=" in item)
-            found[env.get("RANK")] = int(entry)
-    return found
+from tests.helpers.process import PYTHON, REPO, child_env, launch_cmd, rank_pids, run
+from tests.helpers.runs import read_jsonl, tiny_overrides
 
 
 def launch_until(lines_wanted: str, cmd: list[str], act, timeout: float = 300) -> tuple[str, float]:
@@ -95,7 +81,7 @@ def test_kill_9_of_one_rank_ends_the_run_naming_the_dead_rank(synth_root, tmp_pa
     cmd = launch_cmd(2, "train.py", "--config", "configs/demo.yaml",
                      *tiny_overrides(synth_root, tmp_path / "run", train__epochs=50), "dist.timeout_minutes=1")
     output, seconds_to_exit = launch_until(
-        "step 3/", cmd, lambda proc: os.kill(worker_pids(proc.pid)["1"], signal.SIGKILL))
+        "step 3/", cmd, lambda proc: os.kill(rank_pids(proc.pid)[1], signal.SIGKILL))
     assert seconds_to_exit < 60, output[-3000:]  # within dist.timeout_minutes, not hanging
     # the survivor: one line, no traceback; the launcher's report: rank 1 died of SIGKILL
     survivor = [line for line in output.splitlines() if line.startswith("[rank 0] error: a collective failed")]

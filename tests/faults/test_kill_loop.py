@@ -3,7 +3,8 @@ import json
 
 import pytest
 
-from tests.conftest import PYTHON, child_env, run, tiny_overrides
+from tests.helpers.process import PYTHON, child_env, run
+from tests.helpers.runs import tiny_overrides
 from tests.faults.kill_loop import HEADROOM
 
 KILLS = 20

@@ -6,7 +6,7 @@ import torch
 from cityseg.config import load_config
 from cityseg.heads import WithAuxHead
 from cityseg.model import build_model
-from tests.conftest import REPO
+from tests.helpers.process import REPO
 
 
 def conv(cin: int, cout: int, k: int, bias: bool = False, groups: int = 1) -> int:

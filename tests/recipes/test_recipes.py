@@ -5,7 +5,8 @@ import yaml
 
 from cityseg.config import load_config
 from cityseg.optim import lr_at
-from tests.conftest import PYTHON, REPO, read_jsonl, run, tiny_overrides
+from tests.helpers.process import PYTHON, REPO, run
+from tests.helpers.runs import read_jsonl, tiny_overrides
 
 RECIPES = sorted(p.name for p in (REPO / "configs").glob("*.yaml") if p.name not in ("demo.yaml",))
 ANCHORED = [r for r in RECIPES if r != "seed_unet_mobilenetv3.yaml"]

@@ -1,0 +1,84 @@
+"""tracking.tensorboard: the W&B scalars as TensorBoard event files, read back; one writer for 2 processes."""
+from __future__ import annotations
+
+import math
+import struct
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+from tensorboardX.proto.event_pb2 import Event
+
+from tests.helpers.process import CONFIG, cityseg, launch_cmd, run
+from tests.helpers.runs import read_jsonl, tiny_overrides
+
+
+def read_events(path: Path) -> list[Event]:
+    """Records of a TensorBoard event file: u64 length, u32 crc, the Event protobuf, u32 crc."""
+    events, data = [], path.read_bytes()
+    offset = 0
+    while offset < len(data):
+        (length,) = struct.unpack_from("<Q", data, offset)
+        events.append(Event.FromString(data[offset + 12: offset + 12 + length]))
+        offset += 12 + length + 4
+    return events
+
+
+def scalars(log_dir: Path) -> dict[str, dict[int, float]]:
+    """tag -> {step: value} over every event file, honouring a resumed writer's purge (SessionLog START)."""
+    found = defaultdict(dict)
+    for path in sorted(log_dir.rglob("events.out.tfevents.*"), key=lambda p: p.stat().st_mtime):
+        for event in read_events(path):
+            if event.HasField("session_log") and event.session_log.status == event.session_log.START:
+                for values in found.values():
+                    for step in [s for s in values if s >= event.step]:
+                        del values[step]
+            for value in event.summary.value:
+                if value.HasField("simple_value"):
+                    found[value.tag][event.step] = value.simple_value
+    return found
+
+
+def texts(log_dir: Path) -> list[str]:
+    return [value.tensor.string_val[0].decode() for path in log_dir.rglob("events.out.tfevents.*")
+            for event in read_events(path) for value in event.summary.value if value.HasField("tensor")]
+
+
+def test_the_scalars_of_train_log_and_metrics_are_in_the_event_files(synth_root, tmp_path):
+    out = tmp_path / "run"
+    overrides = tiny_overrides(synth_root, out, train__epochs=2, train__max_steps=2, tracking__tensorboard="true")
+    first = cityseg("train", *CONFIG, *overrides)
+    assert first.returncode == 0, first.stderr[-3000:]
+    resumed = cityseg("train", *CONFIG, *overrides, "train.max_steps=6")  # continues the same event stream
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    found = scalars(out / "tensorboard")
+    steps = read_jsonl(out / "train_log.jsonl")
+    assert [r["step"] for r in steps] == [1, 2, 3, 4, 5, 6]
+    for key, tag in (("loss", "train/loss"), ("lr", "train/lr"), ("images_per_s", "train/images_per_s"),
+                     ("data_wait", "train/data_wait"), ("epoch", "epoch")):
+        assert found[tag] == pytest.approx({r["step"]: r[key] for r in steps}, rel=1e-6), tag
+    evaluations = read_jsonl(out / "metrics.jsonl")
+    assert [m["step"] for m in evaluations] == [2, 4, 6]
+    assert found["val/mIoU"] == pytest.approx({m["step"]: m["mIoU"] for m in evaluations}, rel=1e-6)
+    assert found["val/pixel_acc"] == pytest.approx({m["step"]: m["pixel_acc"] for m in evaluations}, rel=1e-6)
+    for name in ("road", "car", "sky"):
+        expected = {m["step"]: m["iou"][name] for m in evaluations if not math.isnan(m["iou"][name])}
+        assert found[f"val/iou/{name}"] == pytest.approx(expected, rel=1e-6), name
+    assert any("optim:" in text and "tensorboard: true" in text for text in texts(out / "tensorboard"))
+
+
+def test_two_processes_write_one_event_stream(synth_root, tmp_path):
+    out = tmp_path / "run"
+    result = run([*launch_cmd(2, "-m", "cityseg", "train", *CONFIG),
+                  *tiny_overrides(synth_root, out, train__max_steps=2, tracking__tensorboard="true")], timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    files = list((out / "tensorboard").rglob("events.out.tfevents.*"))
+    assert len(files) == 1, files
+    assert sorted(scalars(out / "tensorboard")["train/loss"]) == [1, 2]
+
+
+def test_off_by_default(synth_root, tmp_path):
+    out = tmp_path / "run"
+    result = cityseg("train", *CONFIG, *tiny_overrides(synth_root, out, train__max_steps=1))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert not (out / "tensorboard").exists()

@@ -1,0 +1,124 @@
+"""`cityseg check`: ✓ on a good setup (exit 0); each broken setup gives its ✗ line and a non-zero exit."""
+import shutil
+
+import numpy as np
+import pytest
+from safetensors.torch import save_file
+
+import torch
+
+from cityseg.cli import main as cityseg_main
+from cityseg.config import load_config
+from cityseg.data.cityscapes import find_pairs
+from cityseg.preflight import run_checks
+from tests.helpers.runs import tiny_overrides
+
+LABELS = ["config", "processes", "data train", "batch size", "data val", "pretrained weights", "model", "output_dir",
+          "resume", "W&B", "environment"]
+
+
+@pytest.fixture(autouse=True)
+def no_launcher_or_wandb_key(monkeypatch, tmp_path):
+    for name in ("WORLD_SIZE", "RANK", "WANDB_API_KEY", "WANDB_MODE", "ACCELERATE_USE_CPU"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # no ~/.netrc with a W&B key
+
+
+def check(capsys, *args) -> tuple[int, dict]:
+    code = cityseg_main(["check", "--config", "configs/demo.yaml", *map(str, args)])
+    lines = capsys.readouterr().out.strip().splitlines()
+    return code, {line[2:].split(": ", 1)[0]: line for line in lines}
+
+
+def test_a_good_setup_passes_every_check(synth_root, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    code, lines = check(capsys, *tiny_overrides(synth_root, tmp_path / "run"), "tracking.wandb.mode=auto")
+    assert code == 0, lines
+    assert list(lines) == LABELS and all(line.startswith("✓ ") for line in lines.values()), lines
+    assert lines["data train"] == f"✓ data train: 16 image/label pairs in {synth_root}"
+    assert lines["processes"] == "✓ processes: 1 process(es); CPU (gloo between processes); mixed precision no"
+    assert "GiB free, checkpoints need about" in lines["output_dir"]
+    assert lines["pretrained weights"] == "✓ pretrained weights: none needed (model.encoder_weights is null or a local file)"
+    assert lines["resume"] == "✓ resume: no checkpoint in output_dir: starting fresh"
+    assert lines["W&B"] == "✓ W&B: offline (auto: no API key; `wandb sync` later)"
+    assert "SLURM_JOB_ID=4242" in lines["environment"]
+    assert not (tmp_path / "run").exists()  # a check writes nothing
+
+
+def test_the_python_api_for_submit(synth_root, tmp_path):
+    cfg = load_config("configs/demo.yaml", tiny_overrides(synth_root, tmp_path / "run", data__batch_size=8))
+    checks = run_checks(cfg, world_size=4)
+    assert [label for _, label, _ in checks] == LABELS
+    failed = [(label, detail) for ok, label, detail in checks if not ok]
+    assert failed == [("batch size", "data.batch_size: 8 is larger than each process's share of the training set "
+                                     "(16 samples / 4 processes = 4)")]
+
+
+def test_deep_decodes_every_file(synth_root, tmp_path, capsys):
+    root = tmp_path / "cs"
+    shutil.copytree(synth_root, root)
+    _, label = find_pairs(root, "train")[2]
+    label.write_bytes(np.random.default_rng(0).bytes(3000))
+    overrides = tiny_overrides(root, tmp_path / "run")
+    code, lines = check(capsys, *overrides)
+    assert code == 0 and lines["data train"].startswith("✓")  # the layout is fine; only decoding finds it
+    code, lines = check(capsys, "--deep", *overrides)
+    assert code == 1
+    assert lines["data train"] == (f"✗ data train: 1 of 16 pairs unreadable; first: {label}: cannot decode label "
+                                   "(corrupt, truncated or not an image)")
+    assert lines["data val"] == "✓ data val: 7 pairs decoded: sizes match, label ids known"
+
+
+def partial_checkpoint(tmp_path):
+    broken = tmp_path / "step_00000009"
+    broken.mkdir()
+    (broken / "trainer_state.json").write_text('{"step": 9}')
+    save_file({"w": torch.zeros(1000)}, str(broken / "model.safetensors"))
+    data = (broken / "model.safetensors").read_bytes()
+    (broken / "model.safetensors").write_bytes(data[: len(data) // 2])
+    return broken
+
+
+@pytest.mark.parametrize("breakage, label, message", [
+    ("no_root", "data train", "directory not found; expected the Cityscapes layout"),
+    ("fp16", "processes", "train.mixed_precision: fp16 needs a CUDA GPU"),
+    ("sync_bn", None, None),
+    ("batch", "batch size", "data.batch_size: 17 is larger than each process's share"),
+    ("output_dir", "output_dir", "is not a directory"),
+    ("resume", "resume", "model.safetensors: corrupt"),
+    ("wandb_online", "W&B", "online (no API key (WANDB_API_KEY or ~/.netrc))"),
+])
+def test_each_broken_setup_fails_its_line(synth_root, tmp_path, capsys, breakage, label, message):
+    root, out = synth_root, tmp_path / "run"
+    extra = []
+    if breakage == "no_root":
+        root = tmp_path / "nowhere"
+    elif breakage == "fp16":
+        extra = ["train.mixed_precision=fp16"]
+    elif breakage == "sync_bn":
+        extra = ["model.sync_bn=true"]
+    elif breakage == "batch":
+        extra = ["data.batch_size=17"]
+    elif breakage == "output_dir":
+        (tmp_path / "a_file").write_text("")
+        out = tmp_path / "a_file" / "run"
+    elif breakage == "resume":
+        extra = [f"train.resume={partial_checkpoint(tmp_path)}"]
+    elif breakage == "wandb_online":
+        extra = ["tracking.wandb.mode=online"]
+    code, lines = check(capsys, *tiny_overrides(root, out), *extra)
+    if breakage == "sync_bn":  # a warning, not a failure
+        assert code == 0 and "warning: model.sync_bn needs more than one CUDA device" in lines["processes"]
+        return
+    assert code == 1
+    failed = {name: line for name, line in lines.items() if line.startswith("✗")}
+    assert list(failed) == ([label] if breakage != "no_root" else ["data train", "data val"]), lines
+    assert message in failed[label], failed
+
+
+def test_an_invalid_config_exits_2(capsys):
+    code = cityseg_main(["check", "--config", "configs/demo.yaml", "data.batchsize=4"])
+    assert code == 2
+    assert capsys.readouterr().out.strip() == ("✗ config: command line override 'data.batchsize=4': unknown key "
+                                               "'data.batchsize' "
+                                               "(did you mean 'data.batch_size'?)")
