@@ -3,6 +3,7 @@ last step, an evaluation step, during a save, or killed (-9) right after a check
 parameters, every rank's buffers, metrics.jsonl and the logged losses of a run never stopped."""
 from __future__ import annotations
 
+import io
 import subprocess
 import tarfile
 
@@ -10,8 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.checkpoint.harness import assert_exit, logged_steps, sealed_steps, train, trainer_state
-from tests.conftest import PYTHON, REPO, child_env, read_jsonl, run
+from tests.helpers.process import PYTHON, REPO, child_env, run, train
+from tests.helpers.runs import assert_exit, logged_steps, read_jsonl, sealed_steps, trainer_state
 
 pytestmark = pytest.mark.slow
 STOP_AT = "tests/checkpoint/stop_at.py"
@@ -130,7 +131,7 @@ def test_run_directory_of_the_old_main_stopped_at_an_epoch_end_resumes_and_evalu
     old_tree.mkdir()
     archive = subprocess.run(["git", "-C", str(REPO), "archive", OLD_MAIN, "cityseg", "train.py", "configs"],
                              capture_output=True, timeout=60, check=True).stdout
-    with tarfile.open(fileobj=__import__("io").BytesIO(archive)) as tar:
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
         tar.extractall(old_tree, filter="data")
     old_env = child_env(PYTHONPATH=str(old_tree), CITYSEG_TEST_SIGNAL_STEP="4")
     stopped = train(synth_root, out, processes=2, env=old_env, script=STOP_AT, **RUN)
