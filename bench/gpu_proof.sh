@@ -15,4 +15,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}"
-exec "$PYTHON" -m cityseg.gpu_proof "$@"
+exec "$PYTHON" -m cityseg.bench.gpu_proof "$@"

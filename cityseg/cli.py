@@ -12,7 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from cityseg.config import ConfigError, dump_config, load_config, run_config_path
+from cityseg.config.schema import ConfigError, dump_config, load_config, run_config_path
 from cityseg.data.layout import DataError, check_split_dir
 
 EXIT_USAGE = 2  # argparse's code for a bad command line; also a bad config or override
@@ -171,7 +171,7 @@ def run_train(args) -> int:
     cfg = load_config(args.config, args.overrides)  # before the heavy imports: a config error answers at once
     for split in (cfg.data.train_split, cfg.data.val_split):  # so does a wrong data.root
         check_split_dir(cfg.data.root, split)
-    from cityseg.engine import train
+    from cityseg.train.loop import train
 
     return train(cfg)
 
@@ -183,8 +183,8 @@ def run_evaluate(args) -> int:
     check_split_dir(cfg.data.root, args.split or cfg.data.val_split)
     from rich.console import Console
 
-    from cityseg.evaluate import evaluate
-    from cityseg.tracking import benchmark_tables
+    from cityseg.evaluation.evaluate import evaluate
+    from cityseg.observe.tracking import benchmark_tables
 
     metrics = evaluate(cfg, args.checkpoint, args.split, aug_test=args.aug_test)
     if _is_main_rank():
@@ -205,7 +205,7 @@ def run_check(args) -> int:
     except ConfigError as err:
         print(f"✗ config: {err}")
         return EXIT_USAGE
-    from cityseg.preflight import format_checks, run_checks
+    from cityseg.train.preflight import format_checks, run_checks
 
     checks = run_checks(cfg, deep=args.deep, world_size=args.world_size, cuda=True if args.gpu else None)
     print(format_checks(checks))
@@ -219,7 +219,7 @@ def run_config(args) -> int:
 
 def run_predict(args) -> int:
     cfg = _config_for(args)
-    from cityseg.predict import predict
+    from cityseg.evaluation.predict import predict
 
     count = predict(cfg, args.checkpoint, args.output, split=args.split, input_dir=args.input)
     if _is_main_rank():
@@ -263,7 +263,7 @@ def run_prepare(args) -> int:
 
 def run_bench(args) -> int:
     cfg = load_config(args.config, args.overrides)
-    from cityseg.bench import bench
+    from cityseg.bench.throughput import bench
 
     bench(cfg, json_path=args.json, quick=args.quick, images=args.images,
           batch=args.batch, repeats=args.repeats)
@@ -272,7 +272,7 @@ def run_bench(args) -> int:
 
 def run_weights(args) -> int:
     cfg = load_config(args.config, args.overrides)
-    from cityseg.weights import WeightsError, cache_dir, fetch
+    from cityseg.model.weights import WeightsError, cache_dir, fetch
 
     try:
         paths = fetch(cfg.model, args.cache_dir)
@@ -297,8 +297,8 @@ COMMANDS = {"train": run_train, "evaluate": run_evaluate, "predict": run_predict
 def user_errors() -> tuple[type, ...]:
     """The one-line error classes of the heavy modules, imported only now: a command that raised one loaded it."""
     from cityseg.checkpoint import CheckpointError
-    from cityseg.engine import TrainingError
-    from cityseg.model import ModelError
+    from cityseg.train.loop import TrainingError
+    from cityseg.model.build import ModelError
 
     return ConfigError, DataError, ModelError, CheckpointError, TrainingError
 
@@ -338,7 +338,7 @@ def main(argv: list[str] | None = None, parser: argparse.ArgumentParser | None =
         report(f"{prefix}error: {_one_line(err)}\n")
         return 1
     except KeyboardInterrupt:  # Ctrl-C before training installed its handler (startup, evaluation)
-        from cityseg.preemption import EXIT_INTERRUPTED
+        from cityseg.distributed.preemption import EXIT_INTERRUPTED
 
         sys.stderr.write("interrupted\n")
         return EXIT_INTERRUPTED

@@ -104,12 +104,12 @@ if (( ${SLURM_RESTART_COUNT:-0} > 0 )); then
 fi
 
 # --- one training attempt: srun starts every process itself ---------------------------------------
-# Each task picks the interface that routes to the rendezvous host (cityseg.netif; CITYSEG_SOCKET_IFNAME
+# Each task picks the interface that routes to the rendezvous host (cityseg.distributed.netif; CITYSEG_SOCKET_IFNAME
 # overrides): gloo and NCCL would otherwise use the address of the machine's hostname, often 127.0.0.1.
 # `trap "" USR1 TERM` keeps a signal from killing a process still importing; train.py installs its handlers.
 # Since SLURM 22.05 srun no longer inherits --cpus-per-task; --kill-on-bad-exit: one rank failing stops all.
 task='trap "" USR1 TERM
-      ifname=$(python -m cityseg.netif "$MASTER_ADDR") || exit 2
+      ifname=$(python -m cityseg.distributed.netif "$MASTER_ADDR") || exit 2
       export GLOO_SOCKET_IFNAME=${GLOO_SOCKET_IFNAME:-$ifname} NCCL_SOCKET_IFNAME=${NCCL_SOCKET_IFNAME:-$ifname}
       export RANK=$SLURM_PROCID LOCAL_RANK=$SLURM_LOCALID WORLD_SIZE=$SLURM_NTASKS
       echo "cityseg: rank $RANK of $WORLD_SIZE on $SLURMD_NODENAME, interface $GLOO_SOCKET_IFNAME"

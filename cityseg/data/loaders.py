@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Subset
 
-from cityseg.config import ConfigError
+from cityseg.config.schema import ConfigError
 from cityseg.data.cache import CachedPairs, check_manifest, storage_size
 from cityseg.data.cityscapes import CityscapesPairs, collate, find_pairs
 from cityseg.data.device_augment import AugmentParamsCollate
@@ -17,7 +17,7 @@ from cityseg.data.sampler import EpochSampler
 from cityseg.data.stream import EpochBatches, TrainStream
 from cityseg.data.transforms import eval_transform, train_transform
 from cityseg.labels import label_lut
-from cityseg.preemption import shield_worker
+from cityseg.distributed.preemption import shield_worker
 
 
 def init_worker(worker_id: int, rank: int, preempt_signals: list[str]) -> None:

@@ -6,7 +6,7 @@ import cv2
 import numpy as np
 from albumentations.pytorch import ToTensorV2
 
-from cityseg.config import IMAGENET_MEAN, IMAGENET_STD
+from cityseg.config.schema import IMAGENET_MEAN, IMAGENET_STD
 from cityseg.data.photometric import distort_uint8, draw_params
 from cityseg.labels import IGNORE_INDEX
 

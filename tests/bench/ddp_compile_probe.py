@@ -6,9 +6,9 @@ import sys
 import torch
 import torch.distributed as dist
 
-from cityseg.config import Config
-from cityseg.model import unwrap_for_eval
-from cityseg.runtime import make_accelerator
+from cityseg.config.schema import Config
+from cityseg.model.build import unwrap_for_eval
+from cityseg.distributed.runtime import make_accelerator
 
 
 def rank_gap(accelerator, model) -> float:

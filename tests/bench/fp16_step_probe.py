@@ -12,9 +12,9 @@ import json
 import torch
 from accelerate import Accelerator
 
-from cityseg.config import Config
-from cityseg.optim import build_optimizer
-from cityseg.step import StepStats, train_step
+from cityseg.config.schema import Config
+from cityseg.train.optim import build_optimizer
+from cityseg.train.step import StepStats, train_step
 from tests.bench.nan_step_probe import PoisonedLoss
 
 

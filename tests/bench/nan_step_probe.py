@@ -6,10 +6,10 @@ import sys
 
 import torch
 
-from cityseg.config import Config
-from cityseg.optim import build_optimizer
-from cityseg.runtime import make_accelerator
-from cityseg.step import StepStats, train_step
+from cityseg.config.schema import Config
+from cityseg.train.optim import build_optimizer
+from cityseg.distributed.runtime import make_accelerator
+from cityseg.train.step import StepStats, train_step
 
 
 def snapshot(model, optimizer) -> list[torch.Tensor]:

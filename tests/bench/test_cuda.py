@@ -6,8 +6,8 @@ import pytest
 import torch
 import yaml
 
-from cityseg.gpu_measure import STEP_VARIANTS
-from cityseg.gpu_proof import QUICK, proof_config
+from cityseg.bench.gpu_measure import STEP_VARIANTS
+from cityseg.bench.gpu_proof import QUICK, proof_config
 from tests.helpers.process import PYTHON, child_env, run
 
 pytestmark = pytest.mark.gpu
@@ -24,7 +24,7 @@ def test_steady_state_step_makes_no_host_sync(variant, tmp_path):
     config.write_text(yaml.safe_dump(proof_config(tmp_path, QUICK)))
     env = child_env()
     env.pop("ACCELERATE_USE_CPU")
-    result = run([PYTHON, "-m", "cityseg.gpu_proof", "--child", "step", "--config", config, "--variant", variant,
+    result = run([PYTHON, "-m", "cityseg.bench.gpu_proof", "--child", "step", "--config", config, "--variant", variant,
                   "--steps", "2", "--warmup", "2"], env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])

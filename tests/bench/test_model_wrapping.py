@@ -4,8 +4,8 @@ import pytest
 import torch
 from timm.layers import BatchNormAct2d
 
-from cityseg.config import ModelConfig
-from cityseg.model import build_model, convert_sync_batchnorm
+from cityseg.config.schema import ModelConfig
+from cityseg.model.build import build_model, convert_sync_batchnorm
 from tests.helpers.process import launch_cmd, rank_reports, run
 
 

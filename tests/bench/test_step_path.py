@@ -8,12 +8,12 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from cityseg.config import Config
+from cityseg.config.schema import Config
 from cityseg.data.cityscapes import CityscapesPairs, collate, find_pairs
 from cityseg.data.loaders import worker_kwargs
 from cityseg.data.synthetic import write_synthetic
 from cityseg.data.transforms import train_transform
-from cityseg.flops import gpu_model, peak_flops
+from cityseg.observe.flops import gpu_model, peak_flops
 from cityseg.labels import label_lut
 from tests.helpers.process import PYTHON, launch_cmd, rank_reports, run
 from tests.helpers.runs import read_jsonl, tiny_overrides
@@ -134,7 +134,7 @@ def check_diagnosis(report: dict) -> None:
     for row in diagnosis["batch_sweep"].values():
         assert len(row["repeats_s"]) == 3 and row["images_per_s"] > 0, row
     loss = diagnosis["loss"]
-    assert loss["configured"]["loss.name"] == "dice" and loss["configured"]["class"] == "cityseg.losses.DiceLoss"
+    assert loss["configured"]["loss.name"] == "dice" and loss["configured"]["class"] == "cityseg.train.losses.DiceLoss"
     assert loss["configured"]["ms_per_call"] > 0 and loss["smp_dice_one_hot"]["ms_per_call"] > 0
     variants = report["variants"]
     assert variants["compile_model_and_loss"]["backend"] == "eager", variants  # traced, no code generated on CPU

@@ -16,8 +16,8 @@ from cityseg.cli import main as cityseg_main
 from cityseg.data.cityscapes import DataError, find_pairs, read_image, read_pair
 from cityseg.checkpoint import CheckpointError, load_weights
 from cityseg.labels import label_lut
-from cityseg.model import ModelError, build_model
-from cityseg.config import load_config
+from cityseg.model.build import ModelError, build_model
+from cityseg.config.schema import load_config
 from tests.helpers.files import copy_tree
 from tests.helpers.process import child_env, cityseg
 from tests.helpers.runs import read_jsonl, tiny_overrides

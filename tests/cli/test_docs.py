@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from cityseg.cli import build_parser
-from cityseg.config import Config, load_config
+from cityseg.config.schema import Config, load_config
 from tests.helpers.process import child_env
 
 REPO = Path(__file__).resolve().parents[2]
@@ -169,7 +169,7 @@ def test_configuration_doc_lists_every_key_once_with_its_type_and_default():
             continue
         seen[key] = number
         if key not in keys:
-            problems.append(f"{doc}:{number}: `{key}` is not a key of cityseg/config.py: remove the row, or fix "
+            problems.append(f"{doc}:{number}: `{key}` is not a key of cityseg/config/schema.py: remove the row, or fix "
                             "the name")
             continue
         hint, default = keys[key]
@@ -181,10 +181,10 @@ def test_configuration_doc_lists_every_key_once_with_its_type_and_default():
                             f"'{render_value(default)}': write `{render_value(default)}` in the default column")
     for key, (hint, default) in keys.items():
         if key not in seen:
-            problems.append(f"{doc}: `{key}` (cityseg/config.py) is not documented: add this row to the table of "
+            problems.append(f"{doc}: `{key}` (cityseg/config/schema.py) is not documented: add this row to the table of "
                             f"its section:\n    | `{key}` | {render_type(hint)} | `{render_value(default)}` | "
                             "<what it does> |")
-    assert not problems, "docs/configuration.md and cityseg/config.py disagree:\n" + "\n".join(problems)
+    assert not problems, "docs/configuration.md and cityseg/config/schema.py disagree:\n" + "\n".join(problems)
 
 
 # ---- the architecture map ----------------------------------------------------------------------------------------

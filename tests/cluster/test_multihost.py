@@ -27,7 +27,7 @@ def test_rank_1_trains_on_another_host_over_the_cluster_network(reference_run, n
 def test_interface_choice_ignores_default_route_and_honours_override(netcluster):
     def netif(host: str, **env: str) -> subprocess.CompletedProcess:
         return subprocess.run(["nsenter", f"--net=/run/netns/{netcluster.host(host)}", sys.executable, "-m",
-                               "cityseg.netif", netcluster.host("h1")], capture_output=True, text=True,
+                               "cityseg.distributed.netif", netcluster.host("h1")], capture_output=True, text=True,
                               timeout=60, cwd=REPO, env={**os.environ, **env})
     routes = subprocess.run(["ip", "-n", netcluster.host("h2"), "route"], capture_output=True, text=True).stdout
     assert "default via 10.78.0.1 dev mgmt0" in routes  # the trap: the default route is the management net
@@ -39,7 +39,7 @@ def test_interface_choice_ignores_default_route_and_honours_override(netcluster)
 
 def test_gpu_nodes_get_one_srun_task_per_gpu_with_ranks_from_slurm(cluster, tmp_path):
     """2 nodes x 4 (fake) GPUs as train.sh's header asks: 8 tasks, read from a stand-in `python` that prints
-    what each process would train with (the interface choice still runs the real cityseg.netif)."""
+    what each process would train with (the interface choice still runs the real cityseg.distributed.netif)."""
     stub = tmp_path / "bin" / "python"
     stub.parent.mkdir()
     stub.write_text(f'#!/bin/bash\nif [[ $1 == -m ]]; then exec {sys.executable} "$@"; fi\n'

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from accelerate import Accelerator
 
-from cityseg.run_lock import OutputDirBusy, hold
+from cityseg.distributed.run_lock import OutputDirBusy, hold
 
 
 def main() -> None:

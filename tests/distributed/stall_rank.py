@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from cityseg.config import load_config
-from cityseg.runtime import make_accelerator
+from cityseg.config.schema import load_config
+from cityseg.distributed.runtime import make_accelerator
 
 START_LIMIT_S = 300
 

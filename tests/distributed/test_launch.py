@@ -15,7 +15,7 @@ def accelerator_factory():
     """make_accelerator in this process; accelerate's process-wide state is reset afterwards."""
     from accelerate.state import AcceleratorState, GradientState
 
-    from cityseg.runtime import make_accelerator
+    from cityseg.distributed.runtime import make_accelerator
 
     yield make_accelerator
     AcceleratorState._reset_state(reset_partial_state=True)
@@ -24,8 +24,8 @@ def accelerator_factory():
 
 def test_bf16_on_cpu_runs_the_layers_in_bf16(accelerator_factory):
     """The model as train() prepares and calls it: every conv / BN / activation output inside autocast is bf16."""
-    from cityseg.config import load_config
-    from cityseg.model import build_model
+    from cityseg.config.schema import load_config
+    from cityseg.model.build import build_model
 
     cfg = load_config("configs/demo.yaml", ["train.mixed_precision=bf16"])
     accelerator = accelerator_factory(cfg)
@@ -79,7 +79,7 @@ def test_multi_gpu_launch_without_gpus_is_stopped(synth_root, tmp_path):
     assert message in result.stderr.splitlines(), result.stderr[-3000:]  # rank 0's line; rank 1's is prefixed
     assert result.stderr.strip().splitlines()[-1] == message  # after torch's failure report, not buried in it
     assert "exitcode  : 2" in result.stderr  # the process's own code (2: a config problem) in the report above
-    assert "cityseg/engine.py" not in result.stderr  # no traceback of ours (the launcher prints its own summary)
+    assert "cityseg/train/loop.py" not in result.stderr  # no traceback of ours (the launcher prints its own summary)
     assert not (tmp_path / "run" / "config.yaml").exists() and not (tmp_path / "run" / "train_log.jsonl").exists()
 
 

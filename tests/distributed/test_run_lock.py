@@ -4,7 +4,7 @@ import os
 import signal
 import socket
 
-from cityseg.run_lock import acquire, release
+from cityseg.distributed.run_lock import acquire, release
 from tests.helpers.process import launch_cmd, rank_reports, run, start, train, wait_for
 from tests.helpers.runs import sealed_steps
 

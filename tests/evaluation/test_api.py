@@ -12,7 +12,7 @@ import yaml
 from cityseg.api import Segmenter
 from cityseg.checkpoint import CheckpointError
 from cityseg.data.cityscapes import read_image
-from cityseg.metrics import new_confusion, summarize, update_confusion
+from cityseg.evaluation.metrics import new_confusion, summarize, update_confusion
 from tests.helpers.process import cityseg
 
 OPTIONS = ["eval.flip=true", "eval.sliding=true", "eval.crop_size=[48,96]", "eval.stride=[32,64]"]

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from cityseg.checkpoint import load_weights
-from cityseg.config import ModelConfig
-from cityseg.inference import segment_logits, sliding_logits, upsampled_argmax, window_starts
-from cityseg.model import build_model
+from cityseg.config.schema import ModelConfig
+from cityseg.evaluation.inference import segment_logits, sliding_logits, upsampled_argmax, window_starts
+from cityseg.model.build import build_model
 from tests.helpers.evaluation import eval_cfg
 
 

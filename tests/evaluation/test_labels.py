@@ -2,7 +2,7 @@
 import numpy as np
 import torch
 
-from cityseg.bench import seed_encode_segmap  # the recipe's own loop, as the seed-style pipeline runs it
+from cityseg.bench.throughput import seed_encode_segmap  # the recipe's own loop, as the seed-style pipeline runs it
 from cityseg.labels import (IGNORE_INDEX, class_names, colorize, known_label_ids, label_lut, num_classes,
                             palette, to_label_ids_lut)
 

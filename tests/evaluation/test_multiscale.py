@@ -9,9 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cityseg.config import load_config
-from cityseg.inference import segment_logits
-from cityseg.model import build_model
+from cityseg.config.schema import load_config
+from cityseg.evaluation.inference import segment_logits
+from cityseg.model.build import build_model
 from tests.helpers.evaluation import close, eval_cfg
 from tests.helpers.process import cityseg
 

@@ -3,8 +3,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from cityseg.config import load_config
-from cityseg.model import ModelError, build_model
+from cityseg.config.schema import load_config
+from cityseg.model.build import ModelError, build_model
 from tests.helpers.files import CodeOnLoad
 
 

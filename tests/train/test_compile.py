@@ -4,9 +4,9 @@ import pytest
 import torch
 from torch._dynamo.eval_frame import OptimizedModule
 
-from cityseg import engine
-from cityseg.config import LossConfig, load_config
-from cityseg.losses import DiceCELoss, build_loss
+from cityseg.train import loop as engine
+from cityseg.config.schema import LossConfig, load_config
+from cityseg.train.losses import DiceCELoss, build_loss
 from tests.helpers.runs import tiny_overrides
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from cityseg.ema import WeightEMA
+from cityseg.train.ema import WeightEMA
 from tests.helpers.process import cityseg, train
 from tests.helpers.runs import assert_exit, final_weights, read_jsonl
 

@@ -6,9 +6,9 @@ import math
 import pytest
 import torch
 
-from cityseg.config import OptimConfig, load_config
-from cityseg.model import build_model
-from cityseg.optim import build_optimizer, lr_at, lr_scaling, set_lr
+from cityseg.config.schema import OptimConfig, load_config
+from cityseg.model.build import build_model
+from cityseg.train.optim import build_optimizer, lr_at, lr_scaling, set_lr
 from tests.helpers.process import PYTHON, REPO, run
 from tests.helpers.runs import read_jsonl, tiny_overrides
 
@@ -148,7 +148,7 @@ def test_iteration_based_schedule_evaluates_and_checkpoints_every_n_steps(synth_
 
 def test_warmup_and_poly_values_by_hand():
     """lr * (step + 1) / warmup for step < warmup, then lr * (1 - (step - warmup) / (total - warmup)) ** power."""
-    from cityseg.optim import lr_at
+    from cityseg.train.optim import lr_at
 
     cfg = OptimConfig(lr=0.01, warmup_steps=4, poly_power=2.0)
     got = [lr_at(step, 8, cfg) for step in range(9)]

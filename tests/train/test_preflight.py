@@ -8,9 +8,9 @@ from safetensors.torch import save_file
 import torch
 
 from cityseg.cli import main as cityseg_main
-from cityseg.config import load_config
+from cityseg.config.schema import load_config
 from cityseg.data.cityscapes import find_pairs
-from cityseg.preflight import run_checks
+from cityseg.train.preflight import run_checks
 from tests.helpers.runs import tiny_overrides
 
 LABELS = ["config", "processes", "data train", "batch size", "data val", "pretrained weights", "model", "output_dir",

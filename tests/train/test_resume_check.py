@@ -7,9 +7,9 @@ import shutil
 
 import yaml
 
-from cityseg.config import Config, load_config, to_dict
-from cityseg.optim import lr_at
-from cityseg.resume_check import ALLOWED, compare, flatten, upgrade_trainer_state
+from cityseg.config.schema import Config, load_config, to_dict
+from cityseg.train.optim import lr_at
+from cityseg.train.resume import ALLOWED, compare, flatten, upgrade_trainer_state
 from tests.helpers.process import CONFIG, cityseg
 from tests.helpers.runs import read_jsonl, tiny_overrides
 

@@ -27,7 +27,7 @@ if os.environ.get("CITYSEG_TEST_HOLD_AT_STEP"):
     import signal
     import time
 
-    from cityseg import preemption
+    from cityseg.distributed import preemption
 
     _real_mark_step = preemption.mark_step
 

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import yaml
 
-from cityseg.config import Config, ConfigError, to_dict, upgrade_recorded
-from cityseg.normalization import resolve_normalization
-from cityseg.optim import lr_at, lr_scaling
+from cityseg.config.schema import Config, ConfigError, to_dict, upgrade_recorded
+from cityseg.data.normalization import resolve_normalization
+from cityseg.train.optim import lr_at, lr_scaling
 
 # Keys (or whole sections, ending in ".") that do not change what is trained: how it is run, logged, evaluated,
 # saved and tracked. Any key not matched here or below refuses a resume, so a key added later is safe by default.

@@ -3,7 +3,7 @@
 gloo and NCCL otherwise take the address this machine's hostname resolves to; on many clusters (and the
 test cluster) that is 127.0.0.1, and peers on other hosts then connect to their own loopback. The route to
 the rendezvous host (MASTER_ADDR) names the right interface, whatever the default route or a management
-network looks like. `python -m cityseg.netif HOST` prints it; CITYSEG_SOCKET_IFNAME overrides the choice.
+network looks like. `python -m cityseg.distributed.netif HOST` prints it; CITYSEG_SOCKET_IFNAME overrides the choice.
 """
 from __future__ import annotations
 
@@ -67,7 +67,7 @@ def interface_towards(host: str) -> str:
 
 def main(argv: list[str]) -> int:
     if len(argv) != 1:
-        print("usage: python -m cityseg.netif RENDEZVOUS_HOST", file=sys.stderr)
+        print("usage: python -m cityseg.distributed.netif RENDEZVOUS_HOST", file=sys.stderr)
         return 2
     try:
         print(interface_towards(argv[0]))

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from accelerate.utils import broadcast_object_list
 
-from cityseg.config import ConfigError
+from cityseg.config.schema import ConfigError
 
 LOCK_FILE = ".lock"
 # A restart inside the allocation (slurm/train.sh) or a resume right after a kill may start while the previous

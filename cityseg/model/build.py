@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 from timm.layers import convert_sync_batchnorm as timm_convert_sync_batchnorm
 
-from cityseg.heads import WithAuxHead, use_3x3_aspp_project
+from cityseg.model.heads import WithAuxHead, use_3x3_aspp_project
 
 
 class ModelError(ValueError):

@@ -11,7 +11,7 @@ from typing import Literal, Optional
 
 import yaml
 
-from cityseg.model_names import ARCHITECTURES, SMP_ENCODERS, TIMM_MODELS
+from cityseg.model.names import ARCHITECTURES, SMP_ENCODERS, TIMM_MODELS
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

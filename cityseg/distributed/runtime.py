@@ -9,8 +9,8 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, InitProcessGroupKwargs
 
-from cityseg.config import ConfigError
-from cityseg.preflight import check_mixed_precision
+from cityseg.config.schema import ConfigError
+from cityseg.train.preflight import check_mixed_precision
 
 
 def make_accelerator(cfg) -> Accelerator:

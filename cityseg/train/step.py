@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from cityseg.optim import set_lr
+from cityseg.train.optim import set_lr
 
 # StepStats.totals: counters since the last read, all on the device
 LOSS_SUM, LOSS_COUNT, NAN_STEPS, SCALER_STEPS, FIRST_NAN_STEP, GRAD_NORM_SUM, STEPS = range(7)

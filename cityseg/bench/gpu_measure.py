@@ -40,13 +40,13 @@ def build_step(cfg, batch: int, channels_last: bool, compile_mode: str | None = 
                backend: str = "inductor") -> dict:
     """The engine's train_step on one device-resident synthetic batch: {"step": a no-argument step, "stats", ...}.
     compile_mode: torch.compile the model (and the loss with compile_loss) in that mode; None: eager."""
-    from cityseg.flops import train_flops_per_image
+    from cityseg.observe.flops import train_flops_per_image
     from cityseg.labels import num_classes
-    from cityseg.losses import build_loss
-    from cityseg.model import build_model
-    from cityseg.optim import build_optimizer
-    from cityseg.runtime import make_accelerator
-    from cityseg.step import StepStats, train_step
+    from cityseg.train.losses import build_loss
+    from cityseg.model.build import build_model
+    from cityseg.train.optim import build_optimizer
+    from cityseg.distributed.runtime import make_accelerator
+    from cityseg.train.step import StepStats, train_step
 
     accelerator = make_accelerator(cfg)
     device, classes = accelerator.device, num_classes(cfg.data.label_scheme)
@@ -76,8 +76,8 @@ def build_step(cfg, batch: int, channels_last: bool, compile_mode: str | None = 
 
 
 def step_child(cfg_path: str, variant: str, steps: int, warmup: int) -> dict:
-    from cityseg.config import load_config
-    from cityseg.flops import peak_flops
+    from cityseg.config.schema import load_config
+    from cityseg.observe.flops import peak_flops
 
     precision, channels_last, compiled = STEP_VARIANTS[variant]
     cfg = load_config(cfg_path, [f"train.mixed_precision='{precision}'"])  # quoted: YAML reads no as false
@@ -111,17 +111,17 @@ def loop_child(cfg_path: str, steps: int, window: int = 0) -> dict:
     in the workers), device augmentation, channels_last, train_step and the stop vote; and over one whole logging
     window of `window` steps with its read at the end (the step counters and the Speedometer), as train.py runs it.
     The loader must hold 2 + steps + window batches."""
-    from cityseg.config import load_config
+    from cityseg.config.schema import load_config
     from cityseg.data.device_augment import augment_with_theta
     from cityseg.data.loaders import train_dataset, train_stream
     from cityseg.labels import num_classes
-    from cityseg.losses import build_loss
-    from cityseg.model import build_model
-    from cityseg.optim import build_optimizer
-    from cityseg.preemption import StopVote
-    from cityseg.runtime import make_accelerator
-    from cityseg.step import StepStats, train_step
-    from cityseg.tracking import Speedometer
+    from cityseg.train.losses import build_loss
+    from cityseg.model.build import build_model
+    from cityseg.train.optim import build_optimizer
+    from cityseg.distributed.preemption import StopVote
+    from cityseg.distributed.runtime import make_accelerator
+    from cityseg.train.step import StepStats, train_step
+    from cityseg.observe.tracking import Speedometer
 
     cfg = load_config(cfg_path, ["data.cache.device_augment=true"])
     accelerator = make_accelerator(cfg)
@@ -176,12 +176,12 @@ def memory(device: torch.device) -> dict:
 
 def eval_child(cfg_path: str, weights: str, images: int) -> dict:
     from cityseg.checkpoint import load_weights
-    from cityseg.config import load_config
+    from cityseg.config.schema import load_config
     from cityseg.data.loaders import eval_dataset
-    from cityseg.inference import segment_logits
+    from cityseg.evaluation.inference import segment_logits
     from cityseg.labels import num_classes
-    from cityseg.model import build_model
-    from cityseg.runtime import make_accelerator
+    from cityseg.model.build import build_model
+    from cityseg.distributed.runtime import make_accelerator
 
     cfg = load_config(cfg_path, ["eval.mode=full", "eval.sliding=true", "eval.flip=true",
                                  "train.mixed_precision=bf16" if torch.cuda.is_available() else "train.mixed_precision='no'"])

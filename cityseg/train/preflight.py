@@ -10,11 +10,13 @@ from pathlib import Path
 
 import torch
 
-from cityseg import checkpoint, resume_check
-from cityseg.config import ConfigError
+from cityseg import checkpoint
+
+from cityseg.train import resume as resume_check
+from cityseg.config.schema import ConfigError
 from cityseg.data.cityscapes import DataError, find_pairs, read_pair
 from cityseg.labels import class_names, label_lut
-from cityseg.model import ModelError, build_model
+from cityseg.model.build import ModelError, build_model
 
 DIST_ENV = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
             "ACCELERATE_USE_CPU", "ACCELERATE_MIXED_PRECISION", "CUDA_VISIBLE_DEVICES", "SLURM_JOB_ID",
@@ -139,7 +141,7 @@ def run_checks(cfg, deep: bool = False, world_size: int | None = None, cuda: boo
     _data_checks(checks, cfg, deep, world)
 
     def pretrained():  # before the model: building it offline without them fails with a less direct message
-        from cityseg.weights import describe
+        from cityseg.model.weights import describe
 
         ok, detail = describe(cfg.model)
         return ok, detail, None

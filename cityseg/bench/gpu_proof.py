@@ -14,9 +14,9 @@ from pathlib import Path
 import torch
 import yaml
 
-from cityseg.gpu_diagnose import (COMPILE_VARIANTS, NEEDS_CUDA, diagnose_child, diagnosis_rows, run_child, tile_tree,
+from cityseg.bench.gpu_diagnose import (COMPILE_VARIANTS, NEEDS_CUDA, diagnose_child, diagnosis_rows, run_child, tile_tree,
                                   variant_child)
-from cityseg.gpu_measure import eval_child, loop_child, step_child
+from cityseg.bench.gpu_measure import eval_child, loop_child, step_child
 
 REPO = Path(__file__).resolve().parents[1]
 # epoch_train: a Cityscapes epoch (2,975 images) on one GPU; share_steps: one GPU's share of it among 8 (11 steps
@@ -104,7 +104,7 @@ def train_run(work: Path, name: str, tree: dict, timeout: float) -> dict:
 
 
 def json_child(args: list[str], work: Path, timeout: float) -> dict:
-    return json.loads(child(["-m", "cityseg.gpu_proof", *args], work, timeout).stdout.strip().splitlines()[-1])
+    return json.loads(child(["-m", "cityseg.bench.gpu_proof", *args], work, timeout).stdout.strip().splitlines()[-1])
 
 
 def loader_tree(work: Path, sizes: dict, cuda: bool, name: str, changes: dict) -> dict:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 
-from cityseg.config import IMAGENET_MEAN, IMAGENET_STD
+from cityseg.config.schema import IMAGENET_MEAN, IMAGENET_STD
 
 
 def encoder_normalization(model_cfg) -> tuple[list[float], list[float], str]:

@@ -48,7 +48,7 @@ def peak_flops(device: torch.device, mixed_precision: str) -> tuple[float | None
     row = gpu_model(name)
     key = precision_key(mixed_precision)
     if row is None or key not in PEAK_TFLOPS[row]:
-        return None, f"no peak FLOP/s listed for {name} ({key}) in cityseg/flops.py"
+        return None, f"no peak FLOP/s listed for {name} ({key}) in cityseg/observe/flops.py"
     return PEAK_TFLOPS[row][key] * 1e12, f"{row} {key} {PEAK_TFLOPS[row][key]:g} TFLOP/s"
 
 

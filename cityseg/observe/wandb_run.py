@@ -14,10 +14,10 @@ import numpy as np
 import torch
 from accelerate.utils import gather_object
 
-from cityseg.config import dump_config, to_dict
+from cityseg.config.schema import dump_config, to_dict
 from cityseg.data.transforms import normalization
 from cityseg.labels import IGNORE_INDEX, class_names
-from cityseg.tensorboard_run import TensorBoardRun, eval_scalars, step_scalars
+from cityseg.observe.tensorboard_run import TensorBoardRun, eval_scalars, step_scalars
 
 RUN_ID_FILE = "wandb_run_id"
 INIT_TIMEOUT_S = 30.0  # an unreachable server costs this once, then the run goes on offline (WANDB_INIT_TIMEOUT)

@@ -9,27 +9,31 @@ from pathlib import Path
 import torch
 from accelerate.utils import broadcast_object_list, set_seed
 
-from cityseg import checkpoint, resume_check, run_lock
-from cityseg.config import save_config
+from cityseg import checkpoint
+
+from cityseg.train import resume as resume_check
+
+from cityseg.distributed import run_lock
+from cityseg.config.schema import save_config
 from cityseg.data.cityscapes import skipped_samples
 from cityseg.data.device_augment import augment_with_theta
 from cityseg.data.loaders import eval_dataset, eval_loader, train_dataset, train_stream
 from cityseg.data.sampler import epoch_sampler
-from cityseg.ema import attach_ema
-from cityseg.flops import peak_flops, train_flops_per_image
+from cityseg.train.ema import attach_ema
+from cityseg.observe.flops import peak_flops, train_flops_per_image
 from cityseg.labels import class_names
-from cityseg.losses import build_loss
-from cityseg.metrics import confusion_over, summarize
-from cityseg.model import average_batchnorm_stats, build_model, convert_sync_batchnorm, unwrap_for_eval
-from cityseg.normalization import resolve_normalization
-from cityseg.optim import build_optimizer, lr_at, lr_scaling
-from cityseg.preemption import EXIT_INTERRUPTED, EXIT_REQUEUE, StopFlag, StopVote, mark_step, write_requeue_marker
-from cityseg.preflight import check_batch_share, check_output_dir
-from cityseg.profiling import StepProfiler
-from cityseg.runtime import make_accelerator
-from cityseg.step import StepStats, train_step
-from cityseg.tracking import DataWait, RunConsole, Speedometer, append_jsonl, drop_records_after
-from cityseg.wandb_run import WandbRun
+from cityseg.train.losses import build_loss
+from cityseg.evaluation.metrics import confusion_over, summarize
+from cityseg.model.build import average_batchnorm_stats, build_model, convert_sync_batchnorm, unwrap_for_eval
+from cityseg.data.normalization import resolve_normalization
+from cityseg.train.optim import build_optimizer, lr_at, lr_scaling
+from cityseg.distributed.preemption import EXIT_INTERRUPTED, EXIT_REQUEUE, StopFlag, StopVote, mark_step, write_requeue_marker
+from cityseg.train.preflight import check_batch_share, check_output_dir
+from cityseg.observe.profiling import StepProfiler
+from cityseg.distributed.runtime import make_accelerator
+from cityseg.train.step import StepStats, train_step
+from cityseg.observe.tracking import DataWait, RunConsole, Speedometer, append_jsonl, drop_records_after
+from cityseg.observe.wandb_run import WandbRun
 
 
 class TrainingError(RuntimeError):
@@ -55,7 +59,7 @@ class Run:
     state: dict = field(default_factory=dict)
     latest: Path | None = None  # the newest checkpoint of this run: its weights become model.safetensors
     last_saved_step: int | None = None
-    ema: object = None  # cityseg.ema.WeightEMA when train.ema_decay is set: validated and exported instead
+    ema: object = None  # cityseg.train.ema.WeightEMA when train.ema_decay is set: validated and exported instead
     lr_scale: float = 1.0  # optim.lr_scaling when the global batch differs from train.reference_global_batch
     loop: dict | None = None  # train_epoch's parts kept across epochs: device counters, stop vote, throughput
     stop_after_epoch: bool = False  # a stop agreed on an epoch's last step: leave after its validation and save

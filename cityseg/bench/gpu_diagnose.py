@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from cityseg.gpu_measure import build_step, device_name, memory
+from cityseg.bench.gpu_measure import build_step, device_name, memory
 
 # name: (torch.compile mode, also compile the loss, needs CUDA). All compile the model; the loss is the configured one
 COMPILE_VARIANTS = {
@@ -97,7 +97,7 @@ def loss_timing(cfg, batch: int, steps: int) -> dict:
     from segmentation_models_pytorch.losses import DiceLoss
 
     from cityseg.labels import IGNORE_INDEX, num_classes
-    from cityseg.losses import build_loss
+    from cityseg.train.losses import build_loss
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     classes = num_classes(cfg.data.label_scheme)
@@ -123,7 +123,7 @@ def loss_timing(cfg, batch: int, steps: int) -> dict:
 def diagnose_child(cfg_path: str, profile_steps: int, batches: list[int], repeats: int, steps: int,
                    warmup: int) -> dict:
     """In one process: the profiler summary at the config's batch, step time per batch size, the loss timing."""
-    from cityseg.config import load_config
+    from cityseg.config.schema import load_config
 
     cfg = load_config(cfg_path, [])
     channels_last = bool(cfg.train.channels_last)
@@ -158,7 +158,7 @@ def variant_child(cfg_path: str, variant: str, steps: int, warmup: int) -> dict:
     """One compile variant of the config's step (model and loss compiled); CUDA-only modes say so on a CPU.
     On a CPU the default mode runs with the "eager" backend: the same tracing, no code generation (seconds,
     where inductor's C++ compilation would take minutes), so its speed there means nothing."""
-    from cityseg.config import load_config
+    from cityseg.config.schema import load_config
 
     mode, compile_loss, cuda_only = COMPILE_VARIANTS[variant]
     cuda = torch.cuda.is_available()
@@ -183,9 +183,9 @@ def variant_child(cfg_path: str, variant: str, steps: int, warmup: int) -> dict:
 def run_child(cfg_path: str) -> dict:
     """engine.train on the config, with validate, save and each epoch's first batch timed from outside (the engine
     is not changed): steady-state windows, the epoch-start stall, validation and checkpoint seconds, end to end."""
-    from cityseg import engine
-    from cityseg.config import load_config
-    from cityseg.tracking import DataWait
+    from cityseg.train import loop as engine
+    from cityseg.config.schema import load_config
+    from cityseg.observe.tracking import DataWait
 
     cfg = load_config(cfg_path, [])
     phases = {"validate": [], "save": [], "epoch_start": []}

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from cityseg.config import ConfigError, LossConfig
+from cityseg.config.schema import ConfigError, LossConfig
 from cityseg.labels import IGNORE_INDEX
 
 # Cityscapes trainId class weights used by mmsegmentation's class-weighted configs (e.g. OCRNet, DeepLabV3+)

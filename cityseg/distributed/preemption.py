@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from cityseg.config import ConfigError
+from cityseg.config.schema import ConfigError
 
 EXIT_REQUEUE = 75  # "checkpointed, please requeue" (EX_TEMPFAIL); slurm/train.sh also reads CITYSEG_REQUEUE_FILE
 EXIT_INTERRUPTED = 130  # Ctrl-C (SIGINT): checkpointed, stopped on purpose (the shell's 128 + SIGINT)

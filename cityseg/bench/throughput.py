@@ -19,18 +19,18 @@ from albumentations.pytorch import ToTensorV2
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from cityseg.config import from_dict, to_dict
+from cityseg.config.schema import from_dict, to_dict
 from cityseg.data.cache import CachedPairs, check_manifest, write_cache, write_manifest
 from cityseg.data.cityscapes import CityscapesPairs, DataError, collate, find_pairs
 from cityseg.data.device_augment import augment_batch
 from cityseg.data.synthetic import write_synthetic
 from cityseg.data.transforms import IMAGENET_MEAN, IMAGENET_STD, train_transform
 from cityseg.labels import label_lut, num_classes
-from cityseg.losses import build_loss
-from cityseg.model import build_model
-from cityseg.runtime import make_accelerator
-from cityseg.step import StepStats, train_step
-from cityseg.vote_bench import start_votes, vote_report
+from cityseg.train.losses import build_loss
+from cityseg.model.build import build_model
+from cityseg.distributed.runtime import make_accelerator
+from cityseg.train.step import StepStats, train_step
+from cityseg.bench.stop_vote import start_votes, vote_report
 
 
 # ---- the seed recipe's data path, re-implemented faithfully: PIL, per-sample albumentations, in-loop encoding

@@ -1,0 +1,1 @@
+"""Configuration: the schema with defaults and ranges, YAML + overrides, recorded configs."""

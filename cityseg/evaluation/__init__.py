@@ -1,0 +1,1 @@
+"""Evaluation: mIoU over a split, prediction files, sliding/flip/multi-scale inference, metrics."""

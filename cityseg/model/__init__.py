@@ -1,0 +1,1 @@
+"""The model: smp architectures, heads, encoder names and weights."""

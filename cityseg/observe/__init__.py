@@ -1,0 +1,1 @@
+"""What a run reports: console, throughput and MFU, JSONL, W&B, TensorBoard, profiler."""

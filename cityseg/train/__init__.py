@@ -1,0 +1,1 @@
+"""Training: setup, the loop, one step, optimizer and schedule, losses, EMA, resume."""
