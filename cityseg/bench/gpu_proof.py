@@ -165,7 +165,7 @@ def measure(work: Path, sizes: dict, report: dict, stage, precisions: bool) -> N
         ["--child", "eval", "--config", str(base), "--weights", str(weights), "--images",
          str(sizes["eval_images"])], work, 400))
     # last: compilation takes the longest (49 s on an H200 for the model alone), so each variant gets what is left
-    for variant, (_, _, cuda_only) in COMPILE_VARIANTS.items():
+    for variant, (_, cuda_only) in COMPILE_VARIANTS.items():
         left = None if sizes["budget_s"] is None else sizes["budget_s"] - (time.perf_counter() - started)
         stage(f"variants.{variant}", lambda variant=variant, left=left, cuda_only=cuda_only: variant_stage(
             work, base, sizes, variant, left, cuda_only and not cuda))
