@@ -18,7 +18,7 @@ from cityseg.bench.gpu_diagnose import (COMPILE_VARIANTS, NEEDS_CUDA, diagnose_c
                                   variant_child)
 from cityseg.bench.gpu_measure import eval_child, loop_child, step_child
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 # epoch_train: a Cityscapes epoch (2,975 images) on one GPU; share_steps: one GPU's share of it among 8 (11 steps
 # of 32); tiles: distinct training-size pairs the epoch trees link to, cycled. budget_s: the compile variants run
 # last, each limited to what is left of it.
