@@ -11,11 +11,11 @@ import torch
 
 from cityseg.bench.gpu_measure import build_step, device_name, memory
 
-# name: (torch.compile mode, also compile the loss, needs CUDA). All compile the model; the loss is the configured one
+# name: (torch.compile mode, needs CUDA). Each compiles the model and the configured loss, as train.compile does
 COMPILE_VARIANTS = {
-    "compile_model_and_loss": ("default", True, False),
-    "max_autotune_no_cudagraphs": ("max-autotune-no-cudagraphs", True, True),
-    "cuda_graphs": ("reduce-overhead", True, True),  # inductor's CUDA graphs: one replay per forward and backward
+    "compile_model_and_loss": ("default", False),
+    "max_autotune_no_cudagraphs": ("max-autotune-no-cudagraphs", True),
+    "cuda_graphs": ("reduce-overhead", True),  # inductor's CUDA graphs: one replay per forward and backward
 }
 NEEDS_CUDA = "skipped: needs CUDA"
 
@@ -160,20 +160,20 @@ def variant_child(cfg_path: str, variant: str, steps: int, warmup: int) -> dict:
     where inductor's C++ compilation would take minutes), so its speed there means nothing."""
     from cityseg.config.schema import load_config
 
-    mode, compile_loss, cuda_only = COMPILE_VARIANTS[variant]
+    mode, cuda_only = COMPILE_VARIANTS[variant]
     cuda = torch.cuda.is_available()
     if cuda_only and not cuda:
         return {"variant": variant, "mode": mode, "skipped": NEEDS_CUDA}
     cfg = load_config(cfg_path, [])
     backend = "inductor" if cuda else "eager"
-    built = build_step(cfg, cfg.data.batch_size, bool(cfg.train.channels_last), mode, compile_loss, backend)
+    built = build_step(cfg, cfg.data.batch_size, bool(cfg.train.channels_last), mode, backend)
     started = time.perf_counter()
     for _ in range(warmup):
         built["step"]()
     built["stats"].take()
     warmup_s = time.perf_counter() - started
     timing = timed_steps(built["step"], built["stats"], built["device"], steps)
-    return {"variant": variant, "mode": mode, "backend": backend, "compiled": ["model", "loss"][:1 + compile_loss],
+    return {"variant": variant, "mode": mode, "backend": backend, "compiled": ["model", "loss"],
             "warmup_s": warmup_s, "step_s": timing["wall_s_per_step"], **timing,
             "images_per_s": cfg.data.batch_size / timing["wall_s_per_step"], **memory(built["device"])}
 
@@ -181,43 +181,16 @@ def variant_child(cfg_path: str, variant: str, steps: int, warmup: int) -> dict:
 # ---- in a child: a whole training run (train.py's engine), its time outside the steps measured separately
 
 def run_child(cfg_path: str) -> dict:
-    """engine.train on the config, with validate, save and each epoch's first batch timed from outside (the engine
-    is not changed): steady-state windows, the epoch-start stall, validation and checkpoint seconds, end to end."""
-    from cityseg.train import loop as engine
+    """engine.train on the config, end to end, with the seconds the loop itself records outside its steps
+    (validations, saves, each epoch's first batch): steady-state windows, the epoch-start stall, totals."""
     from cityseg.config.schema import load_config
-    from cityseg.observe.tracking import DataWait
+    from cityseg.train import loop as engine
 
     cfg = load_config(cfg_path, [])
     phases = {"validate": [], "save": [], "epoch_start": []}
-    originals = {name: getattr(engine, name) for name in ("validate", "save", "DataWait")}
-
-    def timed(name):
-        def call(*args, **kwargs):
-            started = time.perf_counter()
-            try:
-                return originals[name](*args, **kwargs)
-            finally:
-                phases[name].append(time.perf_counter() - started)
-        return call
-
-    class FirstBatchWait(DataWait):
-        """Also records each epoch's wait for its first batch (workers woken, the first batches fetched)."""
-
-        def timed(self, iterable):
-            before, first = self.seconds, True
-            for item in super().timed(iterable):
-                if first:
-                    phases["epoch_start"].append(self.seconds - before)
-                    first = False
-                yield item
-
-    engine.validate, engine.save, engine.DataWait = timed("validate"), timed("save"), FirstBatchWait
-    try:
-        started = time.perf_counter()
-        code = engine.train(cfg)
-        wall = time.perf_counter() - started
-    finally:
-        engine.validate, engine.save, engine.DataWait = (originals[name] for name in ("validate", "save", "DataWait"))
+    started = time.perf_counter()
+    code = engine.train(cfg, phases=phases)
+    wall = time.perf_counter() - started
     return {"exit_code": code, **run_summary(Path(cfg.output_dir), cfg, phases, wall)}
 
 

@@ -1,6 +1,7 @@
 """What the GPU proof's child processes measure: one precision variant's step, the loop body, full-size evaluation."""
 from __future__ import annotations
 
+import copy
 import sys
 import time
 import warnings
@@ -36,43 +37,40 @@ def count_syncs(step, repeats: int) -> int | None:
     return -(-len(messages) // repeats)  # rounded up: one sync in any of the steps counts
 
 
-def build_step(cfg, batch: int, channels_last: bool, compile_mode: str | None = None, compile_loss: bool = False,
+def build_step(cfg, batch: int, channels_last: bool, compile_mode: str | None = None,
                backend: str = "inductor") -> dict:
-    """The engine's train_step on one device-resident synthetic batch: {"step": a no-argument step, "stats", ...}.
-    compile_mode: torch.compile the model (and the loss with compile_loss) in that mode; None: eager."""
-    from cityseg.observe.flops import train_flops_per_image
-    from cityseg.labels import num_classes
-    from cityseg.train.losses import build_loss
-    from cityseg.model.build import build_model
-    from cityseg.train.optim import build_optimizer
+    """train.py's step (train_step on the parts build_training makes) on one device-resident synthetic batch:
+    {"step": a no-argument step, "stats", "optimizer", "loss_fn", ...}. channels_last and compile_mode set
+    train.channels_last and train.compile (model and loss, in that torch.compile mode); compile_mode None: eager."""
     from cityseg.distributed.runtime import make_accelerator
+    from cityseg.labels import num_classes
+    from cityseg.model.build import unwrap_for_eval
+    from cityseg.observe.flops import train_flops_per_image
+    from cityseg.train.setup import build_training
     from cityseg.train.step import StepStats, train_step
 
+    cfg = copy.deepcopy(cfg)
+    cfg.train.channels_last, cfg.train.compile = channels_last, compile_mode is not None
     accelerator = make_accelerator(cfg)
     device, classes = accelerator.device, num_classes(cfg.data.label_scheme)
-    torch.backends.cudnn.benchmark = True
     torch.manual_seed(0)
-    model = build_model(cfg.model, classes)
-    flops = train_flops_per_image(model, cfg.data.image_size)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    model, optimizer = accelerator.prepare(model, build_optimizer(model, cfg.optim))
-    loss_fn, stats = build_loss(cfg.loss, classes).to(device), StepStats(device)
-    if compile_mode is not None:
-        options = {} if backend != "inductor" else {"mode": compile_mode}
-        model = torch.compile(model, backend=backend, **options)
-        loss_fn = torch.compile(loss_fn, backend=backend, **options) if compile_loss else loss_fn
+    options = {"backend": backend, **({"mode": compile_mode} if backend == "inductor" else {})}
+    training = build_training(cfg, accelerator, classes, compile_options=options)
+    flops = train_flops_per_image(unwrap_for_eval(accelerator, training.model), cfg.data.image_size)
+    stats = StepStats(device)
     height, width = cfg.data.image_size
     images = torch.randn(batch, 3, height, width, device=device)
     images = images.contiguous(memory_format=torch.channels_last) if channels_last else images
     masks = torch.randint(0, classes, (batch, height, width), device=device)
-    model.train()
+    training.model.train()
 
     def step():
-        train_step(accelerator, model, optimizer, loss_fn, images, masks, cfg.optim.lr, None, stats, 0)
+        train_step(accelerator, training.model, training.optimizer, training.loss_fn, images, masks,
+                   training.schedule.lr(0), cfg.optim.grad_clip, stats, 0)
 
-    return {"step": step, "stats": stats, "device": device, "flops": flops, "model": model, "loss_fn": loss_fn,
-            "images": images, "masks": masks, "classes": classes}
+    return {"step": step, "stats": stats, "device": device, "flops": flops, "model": training.model,
+            "optimizer": training.optimizer, "loss_fn": training.loss_fn, "images": images, "masks": masks,
+            "classes": classes}
 
 
 def step_child(cfg_path: str, variant: str, steps: int, warmup: int) -> dict:
@@ -81,8 +79,7 @@ def step_child(cfg_path: str, variant: str, steps: int, warmup: int) -> dict:
 
     precision, channels_last, compiled = STEP_VARIANTS[variant]
     cfg = load_config(cfg_path, [f"train.mixed_precision='{precision}'"])  # quoted: YAML reads no as false
-    built = build_step(cfg, cfg.data.batch_size, channels_last, "default" if compiled else None,
-                       compile_loss=compiled)  # train.compile covers the loss too
+    built = build_step(cfg, cfg.data.batch_size, channels_last, "default" if compiled else None)
     step, stats, device, flops = built["step"], built["stats"], built["device"], built["flops"]
     started = time.perf_counter()
     for _ in range(warmup):
@@ -112,35 +109,25 @@ def loop_child(cfg_path: str, steps: int, window: int = 0) -> dict:
     window of `window` steps with its read at the end (the step counters and the Speedometer), as train.py runs it.
     The loader must hold 2 + steps + window batches."""
     from cityseg.config.schema import load_config
-    from cityseg.data.device_augment import augment_with_theta
-    from cityseg.data.loaders import train_dataset, train_stream
-    from cityseg.labels import num_classes
-    from cityseg.train.losses import build_loss
-    from cityseg.model.build import build_model
-    from cityseg.train.optim import build_optimizer
+    from cityseg.data.loaders import train_dataset
     from cityseg.distributed.preemption import StopVote
     from cityseg.distributed.runtime import make_accelerator
-    from cityseg.train.step import StepStats, train_step
+    from cityseg.labels import num_classes
     from cityseg.observe.tracking import Speedometer
+    from cityseg.train.setup import build_training
+    from cityseg.train.step import StepStats, device_batch, train_step
 
-    cfg = load_config(cfg_path, ["data.cache.device_augment=true"])
+    cfg = load_config(cfg_path, ["data.cache.device_augment=true", "train.channels_last=true"])
     accelerator = make_accelerator(cfg)
-    torch.backends.cudnn.benchmark = True
-    classes = num_classes(cfg.data.label_scheme)
-    dataset = train_dataset(cfg)
-    model = build_model(cfg.model, classes).to(memory_format=torch.channels_last)
-    model, optimizer = accelerator.prepare(model, build_optimizer(model, cfg.optim))
-    loader = train_stream(cfg, dataset, accelerator)
-    loss_fn, stats, vote = build_loss(cfg.loss, classes).to(accelerator.device), StepStats(accelerator.device), \
-        StopVote(accelerator, 1.0)
-    batches = iter(loader)
-    model.train()
+    training = build_training(cfg, accelerator, num_classes(cfg.data.label_scheme), train_dataset(cfg))
+    stats, vote = StepStats(accelerator.device), StopVote(accelerator, 1.0)
+    batches = iter(training.loader)
+    training.model.train()
 
     def step():
-        images, masks, theta = next(batches)
-        images, masks = augment_with_theta(images, masks, theta, cfg.data)
-        images = images.contiguous(memory_format=torch.channels_last)
-        train_step(accelerator, model, optimizer, loss_fn, images, masks, cfg.optim.lr, None, stats, 0)
+        images, masks = device_batch(*next(batches), cfg.data, cfg.train.channels_last)
+        train_step(accelerator, training.model, training.optimizer, training.loss_fn, images, masks,
+                   training.schedule.lr(0), cfg.optim.grad_clip, stats, 0)
         vote.any(False)
 
     speed = Speedometer(accelerator.device, 1, None, None)

@@ -18,7 +18,7 @@ from cityseg.bench.gpu_diagnose import (COMPILE_VARIANTS, NEEDS_CUDA, diagnose_c
                                   variant_child)
 from cityseg.bench.gpu_measure import eval_child, loop_child, step_child
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 # epoch_train: a Cityscapes epoch (2,975 images) on one GPU; share_steps: one GPU's share of it among 8 (11 steps
 # of 32); tiles: distinct training-size pairs the epoch trees link to, cycled. budget_s: the compile variants run
 # last, each limited to what is left of it.
@@ -165,7 +165,7 @@ def measure(work: Path, sizes: dict, report: dict, stage, precisions: bool) -> N
         ["--child", "eval", "--config", str(base), "--weights", str(weights), "--images",
          str(sizes["eval_images"])], work, 400))
     # last: compilation takes the longest (49 s on an H200 for the model alone), so each variant gets what is left
-    for variant, (_, _, cuda_only) in COMPILE_VARIANTS.items():
+    for variant, (_, cuda_only) in COMPILE_VARIANTS.items():
         left = None if sizes["budget_s"] is None else sizes["budget_s"] - (time.perf_counter() - started)
         stage(f"variants.{variant}", lambda variant=variant, left=left, cuda_only=cuda_only: variant_stage(
             work, base, sizes, variant, left, cuda_only and not cuda))

@@ -26,9 +26,10 @@ from cityseg.data.device_augment import augment_batch
 from cityseg.data.synthetic import write_synthetic
 from cityseg.data.transforms import IMAGENET_MEAN, IMAGENET_STD, train_transform
 from cityseg.labels import label_lut, num_classes
-from cityseg.train.losses import build_loss
-from cityseg.model.build import build_model
 from cityseg.distributed.runtime import make_accelerator
+from cityseg.model.build import unwrap_for_eval
+from cityseg.train.optim import build_optimizer
+from cityseg.train.setup import build_training
 from cityseg.train.step import StepStats, train_step
 from cityseg.bench.stop_vote import start_votes, vote_report
 
@@ -155,25 +156,20 @@ def _step_child(cfg_tree, precision, threads, batch, steps, repeats, rank, world
     cfg = from_dict(cfg_tree)
     cfg.train.mixed_precision, cfg.train.grad_accum = precision, 1
     accelerator = make_accelerator(cfg)
-    torch.manual_seed(0)
-    model = build_model(cfg.model, num_classes(cfg.data.label_scheme))
-    bare_model = copy.deepcopy(model)
-    # both fused, as build_optimizer makes the engine's: the comparison is the engine's overhead, not the kernel
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, fused=True)
-    bare_optimizer = torch.optim.AdamW(bare_model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
-                                       fused=True)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    loss_fn = build_loss(cfg.loss.name)
+    training, bare_model, bare_optimizer = step_parts(cfg, accelerator)
     stats = StepStats(accelerator.device)  # read never: the engine reads it every train.log_every steps
     generator = torch.Generator().manual_seed(rank)
     height, width = cfg.data.image_size
     images = torch.randn(batch, 3, height, width, generator=generator)
+    images = images.contiguous(memory_format=torch.channels_last) if cfg.train.channels_last else images
     masks = torch.randint(0, num_classes(cfg.data.label_scheme), (batch, height, width), generator=generator)
-    model.train()
+    loss_fn = training.loss_fn
+    training.model.train()
     bare_model.train()
 
     def engine_step():
-        train_step(accelerator, model, optimizer, loss_fn, images, masks, cfg.optim.lr, cfg.optim.grad_clip, stats, 0)
+        train_step(accelerator, training.model, training.optimizer, loss_fn, images, masks, training.schedule.lr(0),
+                   cfg.optim.grad_clip, stats, 0)
 
     def bare_step():
         logits = bare_model(images)
@@ -199,6 +195,18 @@ def _step_child(cfg_tree, precision, threads, batch, steps, repeats, rank, world
     if rank == 0:
         results.put({name: statistics.median(values) for name, values in samples.items()} | {"samples": samples})
     accelerator.end_training()
+
+
+def step_parts(cfg, accelerator):
+    """(the engine's parts from build_training, a bare copy of its model, that copy's optimizer): the bare loop
+    starts from the same weights with the same optimizer (build_optimizer's, fused as the engine's), so the
+    comparison is the engine's overhead, not another kernel. Eager: the bare loop is not compiled either."""
+    cfg = copy.deepcopy(cfg)
+    cfg.train.compile = False
+    torch.manual_seed(0)
+    training = build_training(cfg, accelerator, num_classes(cfg.data.label_scheme))
+    bare_model = copy.deepcopy(unwrap_for_eval(accelerator, training.model))
+    return training, bare_model, build_optimizer(bare_model, cfg.optim)
 
 
 def start_steps(cfg, precision: str, threads: int, world: int, batch: int, steps: int, repeats: int,

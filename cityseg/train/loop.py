@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,22 +16,20 @@ from cityseg.train import resume as resume_check
 from cityseg.distributed import run_lock
 from cityseg.config.schema import save_config
 from cityseg.data.cityscapes import skipped_samples
-from cityseg.data.device_augment import augment_with_theta
-from cityseg.data.loaders import eval_dataset, eval_loader, train_dataset, train_stream
+from cityseg.data.loaders import eval_dataset, eval_loader, train_dataset
 from cityseg.data.sampler import epoch_sampler
-from cityseg.train.ema import attach_ema
 from cityseg.observe.flops import peak_flops, train_flops_per_image
 from cityseg.labels import class_names
-from cityseg.train.losses import build_loss
 from cityseg.evaluation.metrics import confusion_over, summarize
-from cityseg.model.build import average_batchnorm_stats, build_model, convert_sync_batchnorm, unwrap_for_eval
+from cityseg.model.build import average_batchnorm_stats, unwrap_for_eval
 from cityseg.data.normalization import resolve_normalization
-from cityseg.train.optim import build_optimizer, lr_at, lr_scaling
+from cityseg.train.optim import Schedule
 from cityseg.distributed.preemption import EXIT_INTERRUPTED, EXIT_REQUEUE, StopFlag, StopVote, mark_step, write_requeue_marker
 from cityseg.train.preflight import check_batch_share, check_output_dir
 from cityseg.observe.profiling import StepProfiler
 from cityseg.distributed.runtime import make_accelerator
-from cityseg.train.step import StepStats, train_step
+from cityseg.train.setup import build_training
+from cityseg.train.step import StepStats, device_batch, train_step
 from cityseg.observe.tracking import DataWait, RunConsole, Speedometer, append_jsonl, drop_records_after
 from cityseg.observe.wandb_run import WandbRun
 
@@ -60,9 +58,11 @@ class Run:
     latest: Path | None = None  # the newest checkpoint of this run: its weights become model.safetensors
     last_saved_step: int | None = None
     ema: object = None  # cityseg.train.ema.WeightEMA when train.ema_decay is set: validated and exported instead
-    lr_scale: float = 1.0  # optim.lr_scaling when the global batch differs from train.reference_global_batch
+    schedule: Schedule | None = None  # the LR of each step, global-batch factor included
     loop: dict | None = None  # train_epoch's parts kept across epochs: device counters, stop vote, throughput
     stop_after_epoch: bool = False  # a stop agreed on an epoch's last step: leave after its validation and save
+    # seconds of each validation, save and epoch's first batch (its wait): the GPU proof's diagnosis reads them
+    phases: dict = field(default_factory=lambda: {"validate": [], "save": [], "epoch_start": []})
 
 
 def resume_point(cfg, output_dir: Path, accelerator, say) -> Path | None:
@@ -90,23 +90,7 @@ def resume_point(cfg, output_dir: Path, accelerator, say) -> Path | None:
     return Path(chosen[0]) if chosen[0] else None
 
 
-def prepare_model(cfg, accelerator, num_classes: int) -> torch.nn.Module:
-    model = build_model(cfg.model, num_classes)
-    if cfg.model.sync_bn:
-        if accelerator.device.type == "cuda" and accelerator.num_processes > 1:
-            model = convert_sync_batchnorm(model)  # timm's: keeps BatchNormAct2d's activation
-        elif accelerator.is_main_process:
-            print("warning: model.sync_bn needs more than one CUDA device; training with plain BatchNorm",
-                  file=sys.stderr)
-    if cfg.train.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    if accelerator.device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # training shapes are fixed: autotune each convolution once
-        torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls on tensor cores, as cuDNN's convolutions
-    return model
-
-
-def setup(cfg) -> Run:
+def setup(cfg, phases: dict | None = None) -> Run:
     """Accelerator, data, model, optimizer and the step count; nothing is written before the cheap checks pass."""
     accelerator = make_accelerator(cfg)
     world = accelerator.num_processes
@@ -120,36 +104,22 @@ def setup(cfg) -> Run:
     check_output_dir(output_dir, create=True)  # the cheap preflight passed: only now write into output_dir
     run_lock.hold(output_dir, accelerator)  # before anything is written: a second run on it stops here
 
-    model = prepare_model(cfg, accelerator, len(names))
-    optimizer = build_optimizer(model, cfg.optim)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    loader = train_stream(cfg, train_set, accelerator)  # one iterator for the run: prefetches across epoch ends
-    ema = attach_ema(accelerator, accelerator.unwrap_model(model), cfg.train.ema_decay)  # before any load_state
-    if cfg.train.compile:
-        model = torch.compile(model)
+    training = build_training(cfg, accelerator, len(names), train_set)
     val_loader = eval_loader(cfg, val_set, accelerator.process_index, world)
-
-    # optimizer steps; len(loader) is per rank and accelerate also steps on an epoch's last, shorter window
-    steps_per_epoch = math.ceil(len(loader) / cfg.train.grad_accum)
-    # train.epochs null: iteration-based, train.max_steps alone is the schedule (epochs follow from the data)
-    total_steps = cfg.train.max_steps if cfg.train.epochs is None else cfg.train.epochs * steps_per_epoch
-    if cfg.train.max_steps is not None:
-        total_steps = min(total_steps, cfg.train.max_steps)
+    total_steps = training.schedule.total_steps
     console = RunConsole(accelerator.is_main_process, total_steps, cfg.train.log_every)
     global_batch = cfg.data.batch_size * world * cfg.train.grad_accum
     console.print(f"cityseg: {world} process(es) on {accelerator.device.type}, mixed precision "
                   f"{cfg.train.mixed_precision}; global batch = {cfg.data.batch_size} per process x {world} "
                   f"processes x {cfg.train.grad_accum} accumulation = {global_batch}"
                   f"; {len(train_set)} train / {len(val_set)} val images; {total_steps} steps")
-    loss_fn = build_loss(cfg.loss, len(names)).to(accelerator.device)
-    if cfg.train.compile:  # the loss too: its softmax, per-class sums and their backward fuse in its own graph
-        loss_fn = torch.compile(loss_fn)
-    lr_scale, lr_note = lr_scaling(cfg, world)
-    run = Run(cfg, accelerator, model, optimizer, loader, val_loader, train_set, loss_fn, names, output_dir,
-              total_steps, console, ema=ema, lr_scale=lr_scale)
-    if lr_note:
-        console.print(lr_note)
-    restore(run, steps_per_epoch)
+    run = Run(cfg, accelerator, training.model, training.optimizer, training.loader, val_loader, train_set,
+              training.loss_fn, names, output_dir, total_steps, console, ema=training.ema, schedule=training.schedule)
+    if phases is not None:
+        run.phases = phases
+    if training.schedule.note:
+        console.print(training.schedule.note)
+    restore(run, training.steps_per_epoch)
     run.wandb_run = WandbRun(cfg, accelerator, output_dir, resumed=run.latest is not None, val_set=val_set,
                              say=console.print)
     return run
@@ -158,7 +128,7 @@ def setup(cfg) -> Run:
 def restore(run: Run, steps_per_epoch: int) -> None:
     """The starting state: fresh, or weights/optimizer/RNG and the batch position of the chosen checkpoint."""
     cfg, accelerator = run.cfg, run.accelerator
-    # the run shape says what a step and a batch position mean; the LR schedule needs no state: lr_at(step)
+    # the run shape says what a step and a batch position mean; the LR schedule needs no state: schedule.lr(step)
     shape = {"world_size": accelerator.num_processes, "batch_size": cfg.data.batch_size,
              "grad_accum": cfg.train.grad_accum}
     # "epoch": the epoch (1-based) the latest step belongs to, as every record labels it; "epochs_done": position
@@ -173,7 +143,7 @@ def restore(run: Run, steps_per_epoch: int) -> None:
         saved = resume_check.upgrade_trainer_state(checkpoint.read_trainer_state(start_from))
         run.state.update(checkpoint.adapt_position(saved, start_from, shape, steps_per_epoch, run.total_steps,
                                                    run.console.print, len(run.train_set)))
-        if note := resume_check.schedule_change(saved, run.state["step"], run.total_steps, cfg, run.lr_scale):
+        if note := resume_check.schedule_change(saved, run.state["step"], run.schedule, cfg):
             run.console.print(note)
         try:  # weights, optimizer, scaler, RNG (torch.load weights_only=True)
             accelerator.load_state(str(start_from))
@@ -192,19 +162,20 @@ def restore(run: Run, steps_per_epoch: int) -> None:
             drop_records_after(log, run.state["step"])
 
 
-def train(cfg) -> int:
-    """Train per the config; returns the process exit code (0 done, EXIT_REQUEUE after a preemption save)."""
+def train(cfg, phases: dict | None = None) -> int:
+    """Train per the config; returns the process exit code (0 done, EXIT_REQUEUE after a preemption save).
+    phases: a {"validate": [], "save": [], "epoch_start": []} the run appends its seconds of each to."""
     stop = StopFlag()
     try:
         stop.install(cfg.train.preempt_signals)  # first: a signal during setup must not kill the process
-        return train_loop(cfg, stop)
+        return train_loop(cfg, stop, phases)
     finally:  # an in-process caller (a notebook, the tests) gets its signal handlers and the output_dir back
         stop.uninstall()
         run_lock.release(cfg.output_dir)
 
 
-def train_loop(cfg, stop: StopFlag) -> int:
-    run = setup(cfg)
+def train_loop(cfg, stop: StopFlag, phases: dict | None = None) -> int:
+    run = setup(cfg, phases)
     run.console.start(run.state["step"])
     while run.state["step"] < run.total_steps and (cfg.train.epochs is None
                                                    or run.state["epochs_done"] < cfg.train.epochs):
@@ -240,15 +211,11 @@ def train_epoch(run: Run, stop: StopFlag) -> int | None:
     loop = loop_parts(run)
     batches = len(run.loader)  # 0 after a resume at this epoch's end: only its validation and save are left
     run.model.train()
-    for images, masks, extra in loop["data_wait"].timed(run.loader):
-        if cfg.data.cache.dir and cfg.data.cache.device_augment:  # uint8 samples + their augmentation (theta)
-            images, masks = augment_with_theta(images, masks, extra, cfg.data)
-        if cfg.train.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
+    for images, masks, extra in epoch_batches(run):
+        images, masks = device_batch(images, masks, extra, cfg.data, cfg.train.channels_last)
         loop["profiler"].before_step(state["step"])
-        train_step(accelerator, run.model, run.optimizer, run.loss_fn, images, masks,
-                   lr_at(state["step"], run.total_steps, cfg.optim) * run.lr_scale, cfg.optim.grad_clip,
-                   loop["stats"], state["step"])
+        train_step(accelerator, run.model, run.optimizer, run.loss_fn, images, masks, run.schedule.lr(state["step"]),
+                   cfg.optim.grad_clip, loop["stats"], state["step"])
         state["batch_in_epoch"] += 1
         loop["speed"].add(images.shape[0], accelerator.sync_gradients)
         if not accelerator.sync_gradients:
@@ -283,6 +250,16 @@ def train_epoch(run: Run, stop: StopFlag) -> int | None:
     if batches:
         run.console.print(loop["speed"].epoch_verdict(epoch + 1))
     return None
+
+
+def epoch_batches(run: Run):
+    """The epoch's batches, their wait timed; the first one's (the epoch-start stall) also kept in run.phases."""
+    data_wait = run.loop["data_wait"]
+    before = data_wait.seconds
+    for index, batch in enumerate(data_wait.timed(run.loader)):
+        if index == 0:
+            run.phases["epoch_start"].append(data_wait.seconds - before)
+        yield batch
 
 
 def loop_parts(run: Run) -> dict:
@@ -330,6 +307,13 @@ def log_step(run: Run, record: dict) -> None:
 
 
 def validate(run: Run) -> None:
+    """Evaluate (record_validation), its seconds kept in run.phases."""
+    started = time.perf_counter()
+    record_validation(run)
+    run.phases["validate"].append(time.perf_counter() - started)
+
+
+def record_validation(run: Run) -> None:
     """mIoU of the model as it will be saved: BatchNorm statistics averaged first, one all-reduced confusion."""
     accelerator, state = run.accelerator, run.state
     bare = run.ema.module if run.ema is not None else unwrap_for_eval(accelerator, run.model)  # never rewires compile
@@ -347,8 +331,8 @@ def validate(run: Run) -> None:
 
 def save(run: Run, best_candidate: bool) -> Path:
     """A checkpoint of the current step on all ranks; after a validation it may also become checkpoints/best.
-    Every validation is followed by a save: the next throughput window starts here."""
-    state = run.state
+    Every validation is followed by a save: the next throughput window starts here. Its seconds go to run.phases."""
+    started, state = time.perf_counter(), run.state
     run.last_saved_step = state["step"]
     run.latest = checkpoint.save(run.accelerator, run.output_dir, state, run.cfg.checkpoint.keep_last,
                                  model=unwrap_for_eval(run.accelerator, run.model))
@@ -356,6 +340,7 @@ def save(run: Run, best_candidate: bool) -> Path:
         if checkpoint.update_best(run.output_dir, run.latest, state["best_mIoU"], state["step"]):
             run.wandb_run.log_best_checkpoint(run.output_dir / "checkpoints" / "best", state)
     run.loop["speed"].restart(run.loop["data_wait"].seconds)  # img/s windows leave out saves and validations
+    run.phases["save"].append(time.perf_counter() - started)
     return run.latest
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -32,7 +33,7 @@ def param_groups(model: torch.nn.Module, optim_cfg) -> list[dict]:
 
 
 def build_optimizer(model: torch.nn.Module, optim_cfg) -> torch.optim.Optimizer:
-    """AdamW (the seed's) or SGD with momentum; the LR is set every step by set_lr(lr_at(step))."""
+    """AdamW (the seed's) or SGD with momentum; the LR is set every step by set_lr(Schedule.lr(step))."""
     groups = param_groups(model, optim_cfg)
     if optim_cfg.name == "sgd":
         return torch.optim.SGD(groups, lr=optim_cfg.lr, momentum=optim_cfg.momentum, nesterov=optim_cfg.nesterov,
@@ -42,7 +43,8 @@ def build_optimizer(model: torch.nn.Module, optim_cfg) -> torch.optim.Optimizer:
 
 
 def lr_at(step: int, total_steps: int, optim_cfg) -> float:
-    """Warmup then poly decay, a pure function of the step: resuming the step resumes the schedule."""
+    """Warmup then poly decay of optim.lr, a pure function of the step: resuming the step resumes the schedule.
+    A run's LR is Schedule.lr, which also applies the global-batch factor."""
     if step < optim_cfg.warmup_steps:
         return optim_cfg.lr * (step + 1) / optim_cfg.warmup_steps
     if optim_cfg.schedule == "constant":
@@ -50,6 +52,24 @@ def lr_at(step: int, total_steps: int, optim_cfg) -> float:
     progress = min(1.0, (step - optim_cfg.warmup_steps) / max(1, total_steps - optim_cfg.warmup_steps))
     floor = min(optim_cfg.min_lr, optim_cfg.lr)  # mmseg PolyLR's eta_min: the decay ends there, not at 0
     return (optim_cfg.lr - floor) * (1.0 - progress) ** optim_cfg.poly_power + floor
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """The LR of every step of one run, decided once: lr_at's warmup and decay to optim.min_lr, times the factor
+    for the run's global batch (lr_scaling); `note` is lr_scaling's warning, None when nothing differs."""
+    optim_cfg: object
+    total_steps: int
+    scale: float = 1.0
+    note: str | None = None
+
+    @classmethod
+    def for_run(cls, cfg, processes: int, total_steps: int) -> "Schedule":
+        scale, note = lr_scaling(cfg, processes)
+        return cls(cfg.optim, total_steps, scale, note)
+
+    def lr(self, step: int) -> float:
+        return lr_at(step, self.total_steps, self.optim_cfg) * self.scale
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:

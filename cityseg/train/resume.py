@@ -9,7 +9,7 @@ import yaml
 
 from cityseg.config.schema import Config, ConfigError, to_dict, upgrade_recorded
 from cityseg.data.normalization import resolve_normalization
-from cityseg.train.optim import lr_at, lr_scaling
+from cityseg.train.optim import Schedule
 
 # Keys (or whole sections, ending in ".") that do not change what is trained: how it is run, logged, evaluated,
 # saved and tracked. Any key not matched here or below refuses a resume, so a key added later is safe by default.
@@ -105,18 +105,17 @@ def free_output_dir(output_dir: str) -> str:
     return f"{output_dir}-{number}"
 
 
-def schedule_change(saved: dict, step: int, total_steps: int, cfg, lr_scale: float) -> str | None:
+def schedule_change(saved: dict, step: int, schedule: Schedule, cfg) -> str | None:
     """A line when the resumed run's schedule has another length than the checkpoint's (train.epochs or
-    train.max_steps grew, or the steps per epoch changed): the LR is lr_at(step, total_steps), so it jumps."""
-    old_total = saved.get("total_steps")
+    train.max_steps grew, or the steps per epoch changed): the LR is schedule.lr(step), so it jumps."""
+    old_total, total_steps = saved.get("total_steps"), schedule.total_steps
     if old_total is None or old_total == total_steps:
         return None
     old = copy.deepcopy(cfg)  # the checkpoint's run shape gave its LR factor (optim.lr_scaling)
     old.data.batch_size = saved.get("batch_size", cfg.data.batch_size)
     old.train.grad_accum = saved.get("grad_accum", cfg.train.grad_accum)
-    old_scale = lr_scaling(old, saved.get("world_size", 1))[0]
-    before = lr_at(saved["step"], old_total, cfg.optim) * old_scale
-    after = lr_at(step, total_steps, cfg.optim) * lr_scale
+    before = Schedule.for_run(old, saved.get("world_size", 1), old_total).lr(saved["step"])
+    after = schedule.lr(step)
     if math.isclose(before, after, rel_tol=1e-9, abs_tol=1e-15):
         return None
     word = "stretched" if total_steps > old_total else "shortened"

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from cityseg.data.device_augment import augment_with_theta
 from cityseg.train.optim import set_lr
 
 # StepStats.totals: counters since the last read, all on the device
@@ -68,6 +69,16 @@ class StepStats:
     def empty() -> dict:
         return {"loss_sum": 0.0, "loss_count": 0.0, "nan_skipped": 0.0, "scaler_skipped": 0.0,
                 "grad_norm_sum": 0.0, "steps": 0.0, "first_nan_step": None}
+
+
+def device_batch(images: torch.Tensor, masks: torch.Tensor, extra, data_cfg, channels_last: bool):
+    """A loader batch as train_step takes it: cached uint8 samples augmented on the device with the parameters
+    (theta) drawn in the workers, and images in channels_last memory under train.channels_last."""
+    if data_cfg.cache.dir and data_cfg.cache.device_augment:
+        images, masks = augment_with_theta(images, masks, extra, data_cfg)
+    if channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    return images, masks
 
 
 def gradient_norm(accelerator, model, grad_clip: float | None) -> torch.Tensor:

@@ -55,7 +55,7 @@ def main() -> None:
     cityseg.train.loop.train_step, cityseg.train.loop.checkpoint.save, cityseg.train.loop.restore = train_step, save, restore
     sys.argv = ["train.py", *sys.argv[1:]]
     # the train.py beside the cityseg package imported (PYTHONPATH may name an earlier tree of the code)
-    runpy.run_path(str(Path(cityseg.train.loop.__file__).resolve().parents[1] / "train.py"), run_name="__main__")
+    runpy.run_path(str(Path(cityseg.train.loop.__file__).resolve().parents[2] / "train.py"), run_name="__main__")
 
 
 if __name__ == "__main__":
