@@ -185,7 +185,7 @@ def run_child(cfg_path: str) -> dict:
     is not changed): steady-state windows, the epoch-start stall, validation and checkpoint seconds, end to end."""
     from cityseg.train import loop as engine
     from cityseg.config.schema import load_config
-    from cityseg.observe.tracking import DataWait
+    from cityseg.observe.speed import DataWait
 
     cfg = load_config(cfg_path, [])
     phases = {"validate": [], "save": [], "epoch_start": []}

@@ -121,7 +121,7 @@ def loop_child(cfg_path: str, steps: int, window: int = 0) -> dict:
     from cityseg.distributed.preemption import StopVote
     from cityseg.distributed.runtime import make_accelerator
     from cityseg.train.step import StepStats, train_step
-    from cityseg.observe.tracking import Speedometer
+    from cityseg.observe.speed import Speedometer
 
     cfg = load_config(cfg_path, ["data.cache.device_augment=true"])
     accelerator = make_accelerator(cfg)

@@ -32,7 +32,7 @@ from cityseg.train.preflight import check_batch_share, check_output_dir
 from cityseg.observe.profiling import StepProfiler
 from cityseg.distributed.runtime import make_accelerator
 from cityseg.train.step import StepStats, train_step
-from cityseg.observe.tracking import DataWait, RunConsole, Speedometer, append_jsonl, drop_records_after
+from cityseg.observe.speed import DataWait, RunConsole, Speedometer, append_jsonl, drop_records_after
 from cityseg.observe.wandb_run import WandbRun
 
 
