@@ -9,7 +9,8 @@ from pathlib import Path
 
 import torch
 
-from cityseg.bench.gpu_measure import build_step, device_name, memory
+from cityseg.bench.gpu_measure import build_step, memory
+from cityseg.observe.flops import device_name
 
 # name: (torch.compile mode, also compile the loss, needs CUDA). All compile the model; the loss is the configured one
 COMPILE_VARIANTS = {
