@@ -184,7 +184,7 @@ def run_evaluate(args) -> int:
     from rich.console import Console
 
     from cityseg.evaluation.evaluate import evaluate
-    from cityseg.observe.tracking import benchmark_tables
+    from cityseg.observe.tables import benchmark_tables
 
     metrics = evaluate(cfg, args.checkpoint, args.split, aug_test=args.aug_test)
     if _is_main_rank():

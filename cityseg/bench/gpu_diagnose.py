@@ -9,7 +9,8 @@ from pathlib import Path
 
 import torch
 
-from cityseg.bench.gpu_measure import build_step, device_name, memory
+from cityseg.bench.gpu_measure import build_step, memory
+from cityseg.observe.flops import device_name
 
 # name: (torch.compile mode, needs CUDA). Each compiles the model and the configured loss, as train.compile does
 COMPILE_VARIANTS = {

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import torch
 
+from cityseg.observe.flops import device_name
+
 STEP_VARIANTS = {  # name: (mixed precision, channels_last, compile)
     "fp32": ("no", False, False), "bf16": ("bf16", False, False), "bf16_channels_last": ("bf16", True, False),
     "bf16_channels_last_compile": ("bf16", True, True), "fp16_grad_scaler": ("fp16", False, False),
@@ -113,7 +115,7 @@ def loop_child(cfg_path: str, steps: int, window: int = 0) -> dict:
     from cityseg.distributed.preemption import StopVote
     from cityseg.distributed.runtime import make_accelerator
     from cityseg.labels import num_classes
-    from cityseg.observe.tracking import Speedometer
+    from cityseg.observe.speed import Speedometer
     from cityseg.train.setup import build_training
     from cityseg.train.step import StepStats, device_batch, train_step
 
@@ -146,10 +148,6 @@ def loop_child(cfg_path: str, steps: int, window: int = 0) -> dict:
     per_step = count_syncs(step, repeats=steps)
     return {"syncs_per_step": per_step, "steps": steps, "window_steps": window,
             "syncs_per_window": count_syncs(logging_window, repeats=1) if window else None}
-
-
-def device_name(device: torch.device) -> str:
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
 def memory(device: torch.device) -> dict:

@@ -1,7 +1,8 @@
-"""Model FLOPs per training image (torch.utils.flop_counter, counted once) and dense peak FLOP/s of common GPUs."""
+"""The device a run uses, model FLOPs per training image (counted once) and dense peak FLOP/s of common GPUs."""
 from __future__ import annotations
 
 import copy
+import platform
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -19,6 +20,13 @@ PEAK_TFLOPS = {
     "A10": {"bf16": 125.0, "fp16": 125.0, "tf32": 62.5, "fp32": 31.2},
     "V100": {"fp16": 125.0, "fp32": 15.7, "tf32": 15.7},
 }
+
+
+def device_name(device: torch.device) -> str:
+    """The device as a run records it: the CUDA device's name, or the CPU's type ('cpu (x86_64)')."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{device.type} ({platform.processor() or platform.machine()})"
 
 
 def gpu_model(device_name: str) -> str | None:

@@ -7,26 +7,6 @@ from pathlib import Path
 LOG_DIR = "tensorboard"  # <output_dir>/tensorboard/: `tensorboard --logdir <output_dir>/tensorboard`
 
 
-def step_scalars(record: dict) -> dict:
-    """A training record as tracker scalars; W&B logs the same names."""
-    scalars = {"epoch": record["epoch"], "train/loss": record["loss"], "train/lr": record["lr"],
-               "train/images_per_s": record["images_per_s"], "train/data_wait": record["data_wait"]}
-    for key in SPEED_KEYS:  # what the engine measured (MFU and memory only on a GPU)
-        if key in record:
-            scalars[f"train/{key}"] = record[key]
-    return scalars
-
-
-SPEED_KEYS = ("step_time_s", "mfu", "mem_allocated_gb", "mem_reserved_gb", "grad_norm", "nan_skipped",
-              "scaler_skipped")
-
-
-def eval_scalars(record: dict) -> dict:
-    """An evaluation record as tracker scalars: mIoU, pixel accuracy and one IoU per class."""
-    return {"val/mIoU": record["mIoU"], "val/pixel_acc": record["pixel_acc"],
-            **{f"val/iou/{name}": iou for name, iou in record["iou"].items()}}
-
-
 class TensorBoardRun:
     """Event files under <output_dir>/tensorboard/. A resumed run drops the events a killed attempt wrote from its
     first logged step on (SummaryWriter's purge_step), as the JSONL logs are rewound."""

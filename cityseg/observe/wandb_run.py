@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import platform
 import secrets
 import shutil
 import string
@@ -14,10 +13,10 @@ import numpy as np
 import torch
 from accelerate.utils import gather_object
 
-from cityseg.config.schema import dump_config, to_dict
+from cityseg.config.schema import to_dict
 from cityseg.data.transforms import normalization
 from cityseg.labels import IGNORE_INDEX, class_names
-from cityseg.observe.tensorboard_run import TensorBoardRun, eval_scalars, step_scalars
+from cityseg.observe.flops import device_name
 
 RUN_ID_FILE = "wandb_run_id"
 INIT_TIMEOUT_S = 30.0  # an unreachable server costs this once, then the run goes on offline (WANDB_INIT_TIMEOUT)
@@ -37,12 +36,6 @@ def resolve_mode(mode: str) -> str:
     return "online" if wandb.login(prompt=False, verify=False) else "offline"
 
 
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"{device.type} ({platform.processor() or platform.machine()})"
-
-
 def load_samples(dataset, count: int, data_cfg) -> list[tuple[np.ndarray, torch.Tensor, np.ndarray, str]]:
     """The first `count` samples of the validation set: (display RGB uint8, network input, mask, caption)."""
     mean, std = (torch.tensor(values).view(3, 1, 1) for values in normalization(data_cfg))
@@ -60,8 +53,6 @@ class WandbRun:
     def __init__(self, cfg, accelerator, output_dir: Path, resumed: bool, val_set, say=print):
         self.cfg, self.accelerator, self.output_dir = cfg.tracking.wandb, accelerator, Path(output_dir)
         self.run = None
-        self.tensorboard = TensorBoardRun(cfg.tracking.tensorboard, accelerator.is_main_process, output_dir,
-                                          dump_config(cfg))  # beside W&B, whatever W&B's mode
         if self.cfg.mode == "disabled":
             return
         # every rank joins this gather (it is a collective); only the main process keeps the answer
@@ -119,25 +110,24 @@ class WandbRun:
         path.write_text(run_id + "\n")
         return run_id
 
-    def log_step(self, record: dict) -> None:
-        """One training record; the W&B step is the global optimizer step, so a resumed run continues its axis."""
-        self.tensorboard.log(step_scalars(record), record["step"])
+    def log_step(self, scalars: dict, step: int) -> None:
+        """One training record's scalars; the W&B step is the global optimizer step, so a resumed run continues
+        its axis."""
         if self.run is None:
             return
-        self.run.log(step_scalars(record), step=record["step"])
+        self.run.log(scalars, step=step)
 
-    def log_eval(self, record: dict, model: torch.nn.Module, trainer_state: dict) -> None:
+    def log_eval(self, record: dict, scalars: dict, model: torch.nn.Module, trainer_state: dict) -> None:
         """mIoU, pixel accuracy, per-class IoU (scalars, table, bar chart), the sample images; best in summary.
 
         Called on every rank after the all-reduced evaluation; the image forward runs on the main process only and
         contains no collective, so the other ranks simply go on to the next one.
         """
-        self.tensorboard.log(eval_scalars(record), record["step"])
         if self.run is None:
             return
         wandb = self.wandb
         table = wandb.Table(columns=["class", "IoU"], data=[[name, iou] for name, iou in record["iou"].items()])
-        logged = {**eval_scalars(record), "val/iou_table": table, "val/iou_bar": wandb.plot.bar(table, "class", "IoU", title="IoU per class")}
+        logged = {**scalars, "val/iou_table": table, "val/iou_bar": wandb.plot.bar(table, "class", "IoU", title="IoU per class")}
         if self.samples:
             logged["val/samples"] = self._sample_images(model)
         self.run.log(logged, step=record["step"])
@@ -169,7 +159,6 @@ class WandbRun:
         self.run.log_artifact(artifact, aliases=["best", f"step-{trainer_state['best_step']}"])
 
     def finish(self, trainer_state: dict, exit_code: int = 0) -> None:
-        self.tensorboard.finish()
         if self.run is None:
             return
         self.run.summary.update({"step": trainer_state["step"], "epoch": trainer_state["epoch"],

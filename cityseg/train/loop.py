@@ -24,14 +24,16 @@ from cityseg.evaluation.metrics import confusion_over, summarize
 from cityseg.model.build import average_batchnorm_stats, unwrap_for_eval
 from cityseg.data.normalization import resolve_normalization
 from cityseg.train.optim import Schedule
-from cityseg.distributed.preemption import EXIT_INTERRUPTED, EXIT_REQUEUE, StopFlag, StopVote, mark_step, write_requeue_marker
+from cityseg.distributed.preemption import EXIT_INTERRUPTED, EXIT_REQUEUE, StopFlag, StopVote, write_requeue_marker
 from cityseg.train.preflight import check_batch_share, check_output_dir
 from cityseg.observe.profiling import StepProfiler
 from cityseg.distributed.runtime import make_accelerator
 from cityseg.train.setup import build_training
 from cityseg.train.step import StepStats, device_batch, train_step
-from cityseg.observe.tracking import DataWait, RunConsole, Speedometer, append_jsonl, drop_records_after
-from cityseg.observe.wandb_run import WandbRun
+from cityseg.observe.console import RunConsole
+from cityseg.observe.records import METRICS_LOG, TRAIN_LOG, drop_records_after
+from cityseg.observe.speed import DataWait, Speedometer
+from cityseg.observe.trackers import Trackers, build_trackers
 
 
 class TrainingError(RuntimeError):
@@ -53,7 +55,7 @@ class Run:
     output_dir: Path
     total_steps: int
     console: RunConsole
-    wandb_run: WandbRun | None = None
+    trackers: Trackers | None = None  # console, JSONL logs, W&B, TensorBoard, the step file
     state: dict = field(default_factory=dict)
     latest: Path | None = None  # the newest checkpoint of this run: its weights become model.safetensors
     last_saved_step: int | None = None
@@ -120,8 +122,8 @@ def setup(cfg, phases: dict | None = None) -> Run:
     if training.schedule.note:
         console.print(training.schedule.note)
     restore(run, training.steps_per_epoch)
-    run.wandb_run = WandbRun(cfg, accelerator, output_dir, resumed=run.latest is not None, val_set=val_set,
-                             say=console.print)
+    run.trackers = build_trackers(cfg, accelerator, console, total_steps, resumed=run.latest is not None,
+                                  val_set=val_set)
     return run
 
 
@@ -158,7 +160,7 @@ def restore(run: Run, steps_per_epoch: int) -> None:
         run.latest, run.last_saved_step = start_from, run.state["step"]
     if accelerator.is_main_process:  # the run really starts: record its config; drop a killed attempt's records
         save_config(cfg, run.output_dir / "config.yaml")
-        for log in (run.output_dir / "train_log.jsonl", run.output_dir / "metrics.jsonl"):
+        for log in (run.output_dir / TRAIN_LOG, run.output_dir / METRICS_LOG):
             drop_records_after(log, run.state["step"])
 
 
@@ -297,13 +299,8 @@ def read_step_stats(run: Run, epoch: int) -> None:
 
 
 def log_step(run: Run, record: dict) -> None:
-    step = record["step"]
-    if run.accelerator.is_main_process:
-        mark_step(step)  # $CITYSEG_STEP_FILE: slurm/train.sh and the cluster tests watch the progress
-    if run.accelerator.is_main_process and (step % run.cfg.train.log_every == 0 or step == run.total_steps):
-        append_jsonl(run.output_dir / "train_log.jsonl", record)
-        run.wandb_run.log_step(record)
-    run.console.step(step, record["epoch"], record["loss"], record["lr"], record["images_per_s"])
+    """Every step, on every rank: the step file, the console and, at the logging cadence, the logs and trackers."""
+    run.trackers.step(record)
 
 
 def validate(run: Run) -> None:
@@ -320,13 +317,10 @@ def record_validation(run: Run) -> None:
     average_batchnorm_stats(bare, accelerator)  # ranks validate the saved model
     metrics = summarize(confusion_over(bare, run.val_loader, accelerator, len(run.names)), run.names)
     record = {"epoch": state["epoch"], "epochs_done": state["epochs_done"], "step": state["step"], **metrics}
-    if accelerator.is_main_process:
-        append_jsonl(run.output_dir / "metrics.jsonl", record)
-    run.console.evaluation(metrics, state["step"], state["epoch"])
     is_best = state["best_mIoU"] is None or metrics["mIoU"] > state["best_mIoU"]
     if is_best and not math.isnan(metrics["mIoU"]):
         state["best_mIoU"], state["best_step"] = metrics["mIoU"], state["step"]
-    run.wandb_run.log_eval(record, bare, state)
+    run.trackers.evaluation(record, bare, state)
 
 
 def save(run: Run, best_candidate: bool) -> Path:
@@ -338,7 +332,7 @@ def save(run: Run, best_candidate: bool) -> Path:
                                  model=unwrap_for_eval(run.accelerator, run.model))
     if best_candidate and run.accelerator.is_main_process and state["best_step"] == state["step"]:
         if checkpoint.update_best(run.output_dir, run.latest, state["best_mIoU"], state["step"]):
-            run.wandb_run.log_best_checkpoint(run.output_dir / "checkpoints" / "best", state)
+            run.trackers.best_checkpoint(run.output_dir / "checkpoints" / "best", state)
     run.loop["speed"].restart(run.loop["data_wait"].seconds)  # img/s windows leave out saves and validations
     run.phases["save"].append(time.perf_counter() - started)
     return run.latest
@@ -359,7 +353,7 @@ def preempt(run: Run, stop: StopFlag) -> int:
     if run.accelerator.is_main_process:
         if not interrupted:
             write_requeue_marker(saved)
-        run.wandb_run.finish(run.state, exit_code=code)
+        run.trackers.finish(run.state, exit_code=code)
     run.accelerator.wait_for_everyone()  # no rank exits (and makes srun stop the step) before the marker
     return code
 
@@ -381,6 +375,6 @@ def finish(run: Run) -> int:
         run.console.print(f"warning: {state['nan_skipped']} step(s) skipped for a NaN/Inf loss (train.on_nan=skip)")
     for line in skipped_samples(output_dir / "skipped_samples.txt"):
         run.console.print(line)
-    run.wandb_run.finish(state)
+    run.trackers.finish(state)
     run.accelerator.end_training()
     return 0

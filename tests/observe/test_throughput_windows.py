@@ -5,7 +5,7 @@ import statistics
 import time
 
 from cityseg.data.synthetic import write_synthetic
-from cityseg.observe.tracking import DataWait
+from cityseg.observe.speed import DataWait
 from tests.helpers.process import PYTHON, run
 from tests.helpers.runs import read_jsonl, tiny_overrides
 
