@@ -12,7 +12,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from cityseg.config.schema import ConfigError, dump_config, load_config, run_config_path
+from cityseg.config.load import dump_config, load_config, run_config_path
+from cityseg.config.schema import ConfigError
 from cityseg.data.layout import DataError, check_split_dir
 
 EXIT_USAGE = 2  # argparse's code for a bad command line; also a bad config or override

@@ -76,7 +76,7 @@ def build_step(cfg, batch: int, channels_last: bool, compile_mode: str | None = 
 
 
 def step_child(cfg_path: str, variant: str, steps: int, warmup: int) -> dict:
-    from cityseg.config.schema import load_config
+    from cityseg.config.load import load_config
     from cityseg.observe.flops import peak_flops
 
     precision, channels_last, compiled = STEP_VARIANTS[variant]
@@ -111,7 +111,7 @@ def loop_child(cfg_path: str, steps: int, window: int = 0) -> dict:
     in the workers), device augmentation, channels_last, train_step and the stop vote; and over one whole logging
     window of `window` steps with its read at the end (the step counters and the Speedometer), as train.py runs it.
     The loader must hold 2 + steps + window batches."""
-    from cityseg.config.schema import load_config
+    from cityseg.config.load import load_config
     from cityseg.data.device_augment import augment_with_theta
     from cityseg.data.loaders import train_dataset, train_stream
     from cityseg.labels import num_classes
@@ -176,7 +176,7 @@ def memory(device: torch.device) -> dict:
 
 def eval_child(cfg_path: str, weights: str, images: int) -> dict:
     from cityseg.checkpoint import load_weights
-    from cityseg.config.schema import load_config
+    from cityseg.config.load import load_config
     from cityseg.data.loaders import eval_dataset
     from cityseg.evaluation.inference import segment_logits
     from cityseg.labels import num_classes

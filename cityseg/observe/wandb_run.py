@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from accelerate.utils import gather_object
 
-from cityseg.config.schema import dump_config, to_dict
+from cityseg.config.load import dump_config, to_dict
 from cityseg.data.transforms import normalization
 from cityseg.labels import IGNORE_INDEX, class_names
 from cityseg.observe.tensorboard_run import TensorBoardRun, eval_scalars, step_scalars

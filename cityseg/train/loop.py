@@ -14,7 +14,7 @@ from cityseg import checkpoint
 from cityseg.train import resume as resume_check
 
 from cityseg.distributed import run_lock
-from cityseg.config.schema import save_config
+from cityseg.config.load import save_config
 from cityseg.data.cityscapes import skipped_samples
 from cityseg.data.device_augment import augment_with_theta
 from cityseg.data.loaders import eval_dataset, eval_loader, train_dataset, train_stream

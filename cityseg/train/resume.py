@@ -7,7 +7,9 @@ from pathlib import Path
 
 import yaml
 
-from cityseg.config.schema import Config, ConfigError, to_dict, upgrade_recorded
+from cityseg.config.load import to_dict
+from cityseg.config.schema import Config, ConfigError
+from cityseg.config.upgrade import upgrade_recorded
 from cityseg.data.normalization import resolve_normalization
 from cityseg.train.optim import lr_at, lr_scaling
 
