@@ -118,7 +118,7 @@ def loop_child(cfg_path: str, steps: int, window: int = 0) -> dict:
     from cityseg.train.losses import build_loss
     from cityseg.model.build import build_model
     from cityseg.train.optim import build_optimizer
-    from cityseg.distributed.preemption import StopVote
+    from cityseg.distributed.stop_vote import StopVote
     from cityseg.distributed.runtime import make_accelerator
     from cityseg.train.step import StepStats, train_step
     from cityseg.observe.tracking import Speedometer

@@ -27,7 +27,9 @@ from cityseg.evaluation.metrics import confusion_over, summarize
 from cityseg.model.build import average_batchnorm_stats, build_model, convert_sync_batchnorm, unwrap_for_eval
 from cityseg.data.normalization import resolve_normalization
 from cityseg.train.optim import build_optimizer, lr_at, lr_scaling
-from cityseg.distributed.preemption import EXIT_INTERRUPTED, EXIT_REQUEUE, StopFlag, StopVote, mark_step, write_requeue_marker
+from cityseg.distributed.markers import mark_step, write_requeue_marker
+from cityseg.distributed.preemption import EXIT_INTERRUPTED, EXIT_REQUEUE, StopFlag
+from cityseg.distributed.stop_vote import StopVote
 from cityseg.train.preflight import check_batch_share, check_output_dir
 from cityseg.observe.profiling import StepProfiler
 from cityseg.distributed.runtime import make_accelerator
