@@ -1,4 +1,4 @@
-"""Resuming: may this config continue that checkpoint (keys that change what is trained refuse), and where it goes on."""
+"""Resuming: may this config continue that checkpoint (what is trained must match), and where the run goes on."""
 from __future__ import annotations
 
 import copy
