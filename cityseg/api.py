@@ -14,7 +14,8 @@ import numpy as np
 import torch
 
 from cityseg.checkpoint import CheckpointError, load_weights
-from cityseg.config.schema import Config, load_config, run_config_path
+from cityseg.config.load import load_config, run_config_path
+from cityseg.config.schema import Config
 from cityseg.data.transforms import normalization
 from cityseg.evaluation.inference import segment_logits, upsampled_argmax
 from cityseg.labels import class_names, colorize, to_label_ids_lut

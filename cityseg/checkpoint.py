@@ -1,4 +1,4 @@
-"""Checkpoints on disk: atomic accelerate state per step, keep-last pruning, the best by mIoU, weight export."""
+"""Checkpoints on disk: atomic accelerate state per step, verification, keep-last pruning, the best by mIoU, export."""
 from __future__ import annotations
 
 import json
@@ -58,9 +58,11 @@ def write_json_atomic(path: Path, payload: dict) -> None:
     tmp.replace(path)
 
 
-def save(accelerator, output_dir: str | Path, trainer_state: dict, keep_last: int, model=None) -> Path:
+def save(accelerator, output_dir: str | Path, trainer_state: dict, keep_last: int, samples_in_epoch: int,
+         model=None) -> Path:
     """Save on every rank into a temporary directory; the main process seals it with a rename when all are done.
-    Every other rank also writes the buffers of its bare `model` (BatchNorm statistics follow each rank's batches)."""
+    Every other rank also writes the buffers of its bare `model` (BatchNorm statistics follow each rank's batches).
+    samples_in_epoch: of the current epoch's order, trained so far (train.resume.samples_in_epoch), recorded."""
     final = step_dir(output_dir, trainer_state["step"])
     tmp = final.with_name(f".tmp_{final.name}")
     if accelerator.is_main_process:
@@ -83,7 +85,7 @@ def save(accelerator, output_dir: str | Path, trainer_state: dict, keep_last: in
             # sizes of everything written: verify() tells a complete checkpoint from one truncated later
             files = {file.name: file.stat().st_size for file in sorted(tmp.iterdir()) if file.is_file()}
             write_json_atomic(tmp / TRAINER_STATE, {**trainer_state, "files": files,
-                                                 "samples_in_epoch": samples_in_epoch(trainer_state)})
+                                                 "samples_in_epoch": samples_in_epoch})
             _fsync_tree(tmp)
         except OSError as err:
             raise _write_failed(output_dir, tmp, err) from None
@@ -204,59 +206,6 @@ def verify(path: Path) -> dict:
                 reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else ""
                 raise CheckpointError(f"{path / name}: unreadable ({type(err).__name__}: {reason})") from None
     return state
-
-
-RUN_SHAPE = ("world_size", "batch_size", "grad_accum")  # what one step and one batch means in samples
-
-
-def samples_in_epoch(state: dict) -> int:
-    """Samples of the current epoch's shuffled order already trained: those before this pass over the epoch
-    began (a resume mid-epoch, "resumed_at" = [epochs_done, samples]) and this pass's batches on all ranks."""
-    resumed_epoch, resumed_samples = state.get("resumed_at") or (None, 0)
-    before = resumed_samples if resumed_epoch == state["epochs_done"] else 0
-    return before + state["batch_in_epoch"] * state["batch_size"] * state["world_size"]
-
-
-def adapt_position(saved: dict, path: Path, shape: dict, steps_per_epoch: int, total_steps: int,
-                   warn=print, epoch_samples: int | None = None) -> dict:
-    """The saved position in this run's units. The epoch's order is the same for any run shape, so the run
-    continues at the sample where the checkpoint stopped (the sampler skips the samples trained). With the same
-    shape the step is kept (bit-identical resume); with another one it is mapped by samples seen: finished epochs
-    x this run's steps per epoch + the samples trained in this epoch // this run's samples per step."""
-    before = {key: saved.get(key, shape[key]) for key in RUN_SHAPE}
-    consumed = saved.get("samples_in_epoch")
-    if consumed is None:  # a checkpoint written before "samples_in_epoch" was recorded (then never resumed)
-        consumed = samples_in_epoch({**saved, **before})
-    if epoch_samples is not None and consumed > epoch_samples:  # the data shrank (files removed, data.root moved)
-        raise CheckpointError(f"{path}: was saved after {consumed} samples of epoch {saved['epochs_done'] + 1}, but "
-                              f"the training set now has {epoch_samples}: point data.root at the data the run "
-                              "trained on, or start a new run (output_dir=<new dir>)")
-    kept = {key: value for key, value in saved.items() if key not in ("files", "samples_in_epoch")}
-    position = {"batch_in_epoch": 0, "resumed_at": [saved["epochs_done"], consumed], "total_steps": total_steps}
-    if before == shape:
-        return {**kept, **position}
-    per_step = shape["batch_size"] * shape["world_size"] * shape["grad_accum"]
-    step = saved["epochs_done"] * steps_per_epoch + consumed // per_step
-    changes = ", ".join(f"{key} {before[key]} -> {shape[key]}" for key in RUN_SHAPE if before[key] != shape[key])
-    old_total = saved.get("total_steps")
-    old_at = f"{saved['step']} of {old_total}" if old_total else f"{saved['step']}"
-    warn(f"warning: {path} was saved with {changes}: epoch {saved['epochs_done'] + 1} continues after the "
-         f"{consumed} samples of its order already trained, the rest shared by {shape['world_size']} process(es); "
-         f"step {old_at} maps by samples seen to step {step} of {total_steps} ({saved['epochs_done']} epochs x "
-         f"{steps_per_epoch} steps + {consumed} // {per_step} samples per step); the LR is lr_at(step, "
-         f"total_steps) of this run (the result will differ from an uninterrupted run)")
-    return {**kept, **shape, **position, "step": step}
-
-
-def find_resume(output_dir: str | Path, warn=print) -> Path | None:
-    """The newest complete checkpoint that passes verify(); a broken newer one is reported and skipped."""
-    for candidate in reversed(complete_checkpoints(output_dir)):
-        try:
-            verify(candidate)
-            return candidate
-        except CheckpointError as err:
-            warn(f"warning: skipping checkpoint: {err}")
-    return None
 
 
 def update_best(output_dir: str | Path, source: Path, miou: float, step: int) -> bool:

@@ -14,7 +14,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # `python launch/submit.py` puts launch/, not the repository, on sys.path
 
-from cityseg.config.schema import ConfigError, load_config  # noqa: E402
+from cityseg.config.load import load_config  # noqa: E402
+from cityseg.config.schema import ConfigError  # noqa: E402
 
 TRAIN_SCRIPT = "slurm/train.sh"
 LOG_DIR = "logs"  # matches --output/--error in the #SBATCH header of slurm/train.sh

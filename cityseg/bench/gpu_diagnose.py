@@ -124,7 +124,7 @@ def loss_timing(cfg, batch: int, steps: int) -> dict:
 def diagnose_child(cfg_path: str, profile_steps: int, batches: list[int], repeats: int, steps: int,
                    warmup: int) -> dict:
     """In one process: the profiler summary at the config's batch, step time per batch size, the loss timing."""
-    from cityseg.config.schema import load_config
+    from cityseg.config.load import load_config
 
     cfg = load_config(cfg_path, [])
     channels_last = bool(cfg.train.channels_last)
@@ -159,7 +159,7 @@ def variant_child(cfg_path: str, variant: str, steps: int, warmup: int) -> dict:
     """One compile variant of the config's step (model and loss compiled); CUDA-only modes say so on a CPU.
     On a CPU the default mode runs with the "eager" backend: the same tracing, no code generation (seconds,
     where inductor's C++ compilation would take minutes), so its speed there means nothing."""
-    from cityseg.config.schema import load_config
+    from cityseg.config.load import load_config
 
     mode, cuda_only = COMPILE_VARIANTS[variant]
     cuda = torch.cuda.is_available()
@@ -184,7 +184,7 @@ def variant_child(cfg_path: str, variant: str, steps: int, warmup: int) -> dict:
 def run_child(cfg_path: str) -> dict:
     """engine.train on the config, end to end, with the seconds the loop itself records outside its steps
     (validations, saves, each epoch's first batch): steady-state windows, the epoch-start stall, totals."""
-    from cityseg.config.schema import load_config
+    from cityseg.config.load import load_config
     from cityseg.train import loop as engine
 
     cfg = load_config(cfg_path, [])

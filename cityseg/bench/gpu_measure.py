@@ -76,7 +76,7 @@ def build_step(cfg, batch: int, channels_last: bool, compile_mode: str | None = 
 
 
 def step_child(cfg_path: str, variant: str, steps: int, warmup: int) -> dict:
-    from cityseg.config.schema import load_config
+    from cityseg.config.load import load_config
     from cityseg.observe.flops import peak_flops
 
     precision, channels_last, compiled = STEP_VARIANTS[variant]
@@ -110,9 +110,9 @@ def loop_child(cfg_path: str, steps: int, window: int = 0) -> dict:
     in the workers), device augmentation, channels_last, train_step and the stop vote; and over one whole logging
     window of `window` steps with its read at the end (the step counters and the Speedometer), as train.py runs it.
     The loader must hold 2 + steps + window batches."""
-    from cityseg.config.schema import load_config
+    from cityseg.config.load import load_config
     from cityseg.data.loaders import train_dataset
-    from cityseg.distributed.preemption import StopVote
+    from cityseg.distributed.stop_vote import StopVote
     from cityseg.distributed.runtime import make_accelerator
     from cityseg.labels import num_classes
     from cityseg.observe.speed import Speedometer
@@ -161,7 +161,7 @@ def memory(device: torch.device) -> dict:
 
 def eval_child(cfg_path: str, weights: str, images: int) -> dict:
     from cityseg.checkpoint import load_weights
-    from cityseg.config.schema import load_config
+    from cityseg.config.load import load_config
     from cityseg.data.loaders import eval_dataset
     from cityseg.evaluation.inference import segment_logits
     from cityseg.labels import num_classes

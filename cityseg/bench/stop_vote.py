@@ -7,7 +7,7 @@ import socket
 import statistics
 import time
 
-from cityseg.distributed.preemption import CALIBRATION_STEPS, StopVote
+from cityseg.distributed.stop_vote import CALIBRATION_STEPS, StopVote
 
 
 def spin(seconds: float) -> None:

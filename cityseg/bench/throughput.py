@@ -19,7 +19,7 @@ from albumentations.pytorch import ToTensorV2
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from cityseg.config.schema import from_dict, to_dict
+from cityseg.config.load import from_dict, to_dict
 from cityseg.data.cache import CachedPairs, check_manifest, write_cache, write_manifest
 from cityseg.data.cityscapes import CityscapesPairs, DataError, collate, find_pairs
 from cityseg.data.device_augment import augment_batch

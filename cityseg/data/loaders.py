@@ -30,11 +30,11 @@ def init_worker(worker_id: int, rank: int, preempt_signals: list[str]) -> None:
     torch.manual_seed(seed)
 
 
-def cached_dataset(cfg, split: str, pairs, transform, raw: bool = False) -> CachedPairs:
+def cached_dataset(data_cfg, seed: int, split: str, pairs, transform, raw: bool = False) -> CachedPairs:
     """The split from data.cache.dir, after checking it was built from these very files at this size."""
-    split_dir = Path(cfg.data.cache.dir) / split
-    manifest = check_manifest(split_dir, cfg.data.root, pairs, storage_size(cfg.data), cfg.data.label_scheme)
-    return CachedPairs(split_dir, manifest, transform, seed=cfg.seed, raw=raw)
+    split_dir = Path(data_cfg.cache.dir) / split
+    manifest = check_manifest(split_dir, data_cfg.root, pairs, storage_size(data_cfg), data_cfg.label_scheme)
+    return CachedPairs(split_dir, manifest, transform, seed=seed, raw=raw)
 
 
 def train_dataset(cfg, bad_sample_log: Path | None = None) -> CityscapesPairs:
@@ -46,7 +46,7 @@ def train_dataset(cfg, bad_sample_log: Path | None = None) -> CityscapesPairs:
                           "without the labels); set data.cat_max_ratio=1.0 or data.cache.device_augment=false")
     pairs = find_pairs(cfg.data.root, cfg.data.train_split)
     if cfg.data.cache.dir:
-        return cached_dataset(cfg, cfg.data.train_split, pairs, train_transform(cfg.data),
+        return cached_dataset(cfg.data, cfg.seed, cfg.data.train_split, pairs, train_transform(cfg.data),
                               raw=cfg.data.cache.device_augment)
     return CityscapesPairs(pairs, label_lut(cfg.data.label_scheme), train_transform(cfg.data), seed=cfg.seed,
                            on_bad_sample=cfg.data.on_bad_sample, bad_sample_log=bad_sample_log)
@@ -59,7 +59,7 @@ def eval_dataset(cfg, split: str | None = None, full_resolution: bool = False) -
     pairs = find_pairs(cfg.data.root, split)
     size = None if full_resolution else cfg.data.image_size
     if cfg.data.cache.dir and not full_resolution and (Path(cfg.data.cache.dir) / split).is_dir():
-        return cached_dataset(cfg, split, pairs, eval_transform(cfg.data, size))  # a split not prepared: files
+        return cached_dataset(cfg.data, cfg.seed, split, pairs, eval_transform(cfg.data, size))  # not prepared: files
     return CityscapesPairs(pairs, label_lut(cfg.data.label_scheme), eval_transform(cfg.data, size), seed=cfg.seed)
 
 
@@ -68,7 +68,7 @@ def train_loader(cfg, dataset, rank: int, world: int = 1, epochs: int | None = N
     to the ranks in turn as accelerate.prepare would (not to be prepared again); the samples are (epoch, index)."""
     batches = EpochBatches(EpochSampler(len(dataset), cfg.seed), cfg.data.batch_size, rank, world, epochs)
     return DataLoader(
-        dataset, batch_sampler=batches, collate_fn=train_collate(cfg, dataset),
+        dataset, batch_sampler=batches, collate_fn=train_collate(cfg.data, cfg.seed, dataset),
         worker_init_fn=functools.partial(init_worker, rank=rank, preempt_signals=cfg.train.preempt_signals),
         **worker_kwargs(cfg.data.num_workers),
     )
@@ -80,11 +80,11 @@ def train_stream(cfg, dataset, accelerator) -> TrainStream:
     return TrainStream(loader, accelerator.device, accelerator.non_blocking)
 
 
-def train_collate(cfg, dataset):
+def train_collate(data_cfg, seed: int, dataset):
     """With data.cache.device_augment, batches carry each sample's augmentation (drawn in the worker) instead of
     its index: the device never hands indices back to the host."""
-    if cfg.data.cache.dir and cfg.data.cache.device_augment:
-        return AugmentParamsCollate(collate, cfg.data, cfg.seed, dataset.shared_epoch)
+    if data_cfg.cache.dir and data_cfg.cache.device_augment:
+        return AugmentParamsCollate(collate, data_cfg, seed, dataset.shared_epoch)
     return collate
 
 

@@ -10,7 +10,12 @@ from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, InitProcessGroupKwargs
 
 from cityseg.config.schema import ConfigError
-from cityseg.train.preflight import check_mixed_precision
+
+
+def check_mixed_precision(mixed_precision: str, cuda: bool) -> None:
+    if mixed_precision == "fp16" and not cuda:
+        raise ConfigError("train.mixed_precision: fp16 needs a CUDA GPU (accelerate would silently run fp32 on "
+                          "the CPU); use bf16 on the CPU")
 
 
 def make_accelerator(cfg) -> Accelerator:

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import torch
 
-from cityseg.config.schema import dump_config
-from cityseg.distributed.preemption import mark_step
+from cityseg.config.load import dump_config
+from cityseg.distributed.markers import mark_step
 from cityseg.observe.console import RunConsole
 from cityseg.observe.records import METRICS_LOG, TRAIN_LOG, append_jsonl
 from cityseg.observe.tensorboard_run import TensorBoardRun

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from accelerate.utils import gather_object
 
-from cityseg.config.schema import to_dict
+from cityseg.config.load import to_dict
 from cityseg.data.transforms import normalization
 from cityseg.labels import IGNORE_INDEX, class_names
 from cityseg.observe.flops import device_name

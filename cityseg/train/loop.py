@@ -14,7 +14,7 @@ from cityseg import checkpoint
 from cityseg.train import resume as resume_check
 
 from cityseg.distributed import run_lock
-from cityseg.config.schema import save_config
+from cityseg.config.load import save_config
 from cityseg.data.cityscapes import skipped_samples
 from cityseg.data.loaders import eval_dataset, eval_loader, train_dataset
 from cityseg.data.sampler import epoch_sampler
@@ -24,7 +24,9 @@ from cityseg.evaluation.metrics import confusion_over, summarize
 from cityseg.model.build import average_batchnorm_stats, unwrap_for_eval
 from cityseg.data.normalization import resolve_normalization
 from cityseg.train.optim import Schedule
-from cityseg.distributed.preemption import EXIT_INTERRUPTED, EXIT_REQUEUE, StopFlag, StopVote, write_requeue_marker
+from cityseg.distributed.markers import write_requeue_marker
+from cityseg.distributed.preemption import EXIT_INTERRUPTED, EXIT_REQUEUE, StopFlag
+from cityseg.distributed.stop_vote import StopVote
 from cityseg.train.preflight import check_batch_share, check_output_dir
 from cityseg.observe.profiling import StepProfiler
 from cityseg.distributed.runtime import make_accelerator
@@ -83,7 +85,7 @@ def resume_point(cfg, output_dir: Path, accelerator, say) -> Path | None:
         return path
     chosen = [None]
     if accelerator.is_main_process:
-        found = checkpoint.find_resume(output_dir, warn=say)
+        found = resume_check.find_resume(output_dir, warn=say)
         if not found:
             say("resume: no checkpoint in output_dir, starting fresh")
         chosen = [str(found) if found else None]
@@ -143,7 +145,7 @@ def restore(run: Run, steps_per_epoch: int) -> None:
         for change in changes:
             run.console.print(f"resume: allowed change {change}")
         saved = resume_check.upgrade_trainer_state(checkpoint.read_trainer_state(start_from))
-        run.state.update(checkpoint.adapt_position(saved, start_from, shape, steps_per_epoch, run.total_steps,
+        run.state.update(resume_check.adapt_position(saved, start_from, shape, steps_per_epoch, run.total_steps,
                                                    run.console.print, len(run.train_set)))
         if note := resume_check.schedule_change(saved, run.state["step"], run.schedule, cfg):
             run.console.print(note)
@@ -209,7 +211,7 @@ def train_epoch(run: Run, stop: StopFlag) -> int | None:
     epoch = state["epochs_done"]  # 0-based: the data order's seed
     run.loader.set_epoch(epoch)  # the samples carry their epoch: the dataset augments each for its own
     # the epoch's order is the same for any run shape: a resumed epoch skips the samples trained before the stop
-    epoch_sampler(run.loader).start_at(epoch, checkpoint.samples_in_epoch(state))  # batch_in_epoch is 0 here
+    epoch_sampler(run.loader).start_at(epoch, resume_check.samples_in_epoch(state))  # batch_in_epoch is 0 here
     loop = loop_parts(run)
     batches = len(run.loader)  # 0 after a resume at this epoch's end: only its validation and save are left
     run.model.train()
@@ -329,6 +331,7 @@ def save(run: Run, best_candidate: bool) -> Path:
     started, state = time.perf_counter(), run.state
     run.last_saved_step = state["step"]
     run.latest = checkpoint.save(run.accelerator, run.output_dir, state, run.cfg.checkpoint.keep_last,
+                                 resume_check.samples_in_epoch(state),
                                  model=unwrap_for_eval(run.accelerator, run.model))
     if best_candidate and run.accelerator.is_main_process and state["best_step"] == state["step"]:
         if checkpoint.update_best(run.output_dir, run.latest, state["best_mIoU"], state["step"]):

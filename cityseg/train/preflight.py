@@ -15,6 +15,7 @@ from cityseg import checkpoint
 from cityseg.train import resume as resume_check
 from cityseg.config.schema import ConfigError
 from cityseg.data.cityscapes import DataError, find_pairs, read_pair
+from cityseg.distributed.runtime import check_mixed_precision
 from cityseg.labels import class_names, label_lut
 from cityseg.model.build import ModelError, build_model
 
@@ -26,12 +27,6 @@ Check = tuple[bool, str, str]
 
 
 # --- checks that raise: the engine calls these at startup, `cityseg check` turns them into lines ---------------
-
-def check_mixed_precision(mixed_precision: str, cuda: bool) -> None:
-    if mixed_precision == "fp16" and not cuda:
-        raise ConfigError("train.mixed_precision: fp16 needs a CUDA GPU (accelerate would silently run fp32 on "
-                          "the CPU); use bf16 on the CPU")
-
 
 def check_batch_share(batch_size: int, num_samples: int, world_size: int) -> None:
     share = num_samples // world_size
@@ -207,7 +202,7 @@ def resume_plan(cfg) -> tuple[bool, str, None]:
         found = Path(cfg.train.resume)
         checkpoint.verify(found)
     else:
-        found = checkpoint.find_resume(cfg.output_dir, warn=skipped.append)
+        found = resume_check.find_resume(cfg.output_dir, warn=skipped.append)
     if found is None:
         return True, "no checkpoint in output_dir: starting fresh", None
     allowed = resume_check.verdict(cfg, found)

@@ -1,4 +1,4 @@
-"""May this config continue that checkpoint? Keys that change what is trained refuse; the others are listed."""
+"""Resuming: may this config continue that checkpoint (what is trained must match), and where the run goes on."""
 from __future__ import annotations
 
 import copy
@@ -7,7 +7,10 @@ from pathlib import Path
 
 import yaml
 
-from cityseg.config.schema import Config, ConfigError, to_dict, upgrade_recorded
+from cityseg.checkpoint import CheckpointError, complete_checkpoints, verify
+from cityseg.config.load import to_dict
+from cityseg.config.schema import Config, ConfigError
+from cityseg.config.upgrade import upgrade_recorded
 from cityseg.data.normalization import resolve_normalization
 from cityseg.train.optim import Schedule
 
@@ -20,9 +23,9 @@ ALLOWED = (
 )
 # May grow (the run trains on), never shrink (a shorter schedule is another run); None means no limit.
 EXTENDABLE = ("train.epochs", "train.max_steps")
-# Run shape: checkpoint.adapt_position decides (an end-of-epoch checkpoint carries over, a mid-epoch one refuses).
-RUN_SHAPE = ("data.batch_size", "train.grad_accum")
-# data.root: the dataset moved (another mount, a node-local copy); checkpoint.adapt_position refuses a training set
+# The config keys of the run shape: adapt_position maps the saved position to the new shape by samples seen.
+SHAPE_CONFIG_KEYS = ("data.batch_size", "train.grad_accum")
+# data.root: the dataset moved (another mount, a node-local copy); adapt_position refuses a training set
 # too small for the saved position. The rest — model, loss, optim, seed, data (splits, sizes, augmentation, label
 # scheme), precision — refuse.
 
@@ -60,7 +63,7 @@ def compare(saved: dict, current: dict) -> tuple[list[str], list[str]]:
         if before == after:
             continue
         change = f"{key} {before!r} -> {after!r}"
-        if is_allowed(key) or key in RUN_SHAPE or (key in EXTENDABLE and _extended(before, after)):
+        if is_allowed(key) or key in SHAPE_CONFIG_KEYS or (key in EXTENDABLE and _extended(before, after)):
             allowed.append(change)
         else:
             refused.append(change)
@@ -130,3 +133,57 @@ def upgrade_trainer_state(saved: dict) -> dict:
         return saved
     done = saved["epoch"]
     return {**saved, "epochs_done": done, "epoch": done + 1 if saved["batch_in_epoch"] else done}
+
+
+# The trainer_state keys that say what one step and one batch mean in samples (a checkpoint records them).
+SHAPE_STATE_KEYS = ("world_size", "batch_size", "grad_accum")
+
+
+def samples_in_epoch(state: dict) -> int:
+    """Samples of the current epoch's shuffled order already trained: those before this pass over the epoch
+    began (a resume mid-epoch, "resumed_at" = [epochs_done, samples]) and this pass's batches on all ranks."""
+    resumed_epoch, resumed_samples = state.get("resumed_at") or (None, 0)
+    before = resumed_samples if resumed_epoch == state["epochs_done"] else 0
+    return before + state["batch_in_epoch"] * state["batch_size"] * state["world_size"]
+
+
+def adapt_position(saved: dict, path: Path, shape: dict, steps_per_epoch: int, total_steps: int,
+                   warn=print, epoch_samples: int | None = None) -> dict:
+    """The saved position in this run's units. The epoch's order is the same for any run shape, so the run
+    continues at the sample where the checkpoint stopped (the sampler skips the samples trained). With the same
+    shape the step is kept (bit-identical resume); with another one it is mapped by samples seen: finished epochs
+    x this run's steps per epoch + the samples trained in this epoch // this run's samples per step."""
+    before = {key: saved.get(key, shape[key]) for key in SHAPE_STATE_KEYS}
+    consumed = saved.get("samples_in_epoch")
+    if consumed is None:  # a checkpoint written before "samples_in_epoch" was recorded (then never resumed)
+        consumed = samples_in_epoch({**saved, **before})
+    if epoch_samples is not None and consumed > epoch_samples:  # the data shrank (files removed, data.root moved)
+        raise CheckpointError(f"{path}: was saved after {consumed} samples of epoch {saved['epochs_done'] + 1}, but "
+                              f"the training set now has {epoch_samples}: point data.root at the data the run "
+                              "trained on, or start a new run (output_dir=<new dir>)")
+    kept = {key: value for key, value in saved.items() if key not in ("files", "samples_in_epoch")}
+    position = {"batch_in_epoch": 0, "resumed_at": [saved["epochs_done"], consumed], "total_steps": total_steps}
+    if before == shape:
+        return {**kept, **position}
+    per_step = shape["batch_size"] * shape["world_size"] * shape["grad_accum"]
+    step = saved["epochs_done"] * steps_per_epoch + consumed // per_step
+    changes = ", ".join(f"{key} {before[key]} -> {shape[key]}" for key in SHAPE_STATE_KEYS if before[key] != shape[key])
+    old_total = saved.get("total_steps")
+    old_at = f"{saved['step']} of {old_total}" if old_total else f"{saved['step']}"
+    warn(f"warning: {path} was saved with {changes}: epoch {saved['epochs_done'] + 1} continues after the "
+         f"{consumed} samples of its order already trained, the rest shared by {shape['world_size']} process(es); "
+         f"step {old_at} maps by samples seen to step {step} of {total_steps} ({saved['epochs_done']} epochs x "
+         f"{steps_per_epoch} steps + {consumed} // {per_step} samples per step); the LR is lr_at(step, "
+         f"total_steps) of this run (the result will differ from an uninterrupted run)")
+    return {**kept, **shape, **position, "step": step}
+
+
+def find_resume(output_dir: str | Path, warn=print) -> Path | None:
+    """The newest complete checkpoint that passes verify(); a broken newer one is reported and skipped."""
+    for candidate in reversed(complete_checkpoints(output_dir)):
+        try:
+            verify(candidate)
+            return candidate
+        except CheckpointError as err:
+            warn(f"warning: skipping checkpoint: {err}")
+    return None

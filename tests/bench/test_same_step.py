@@ -4,7 +4,7 @@ import torch
 
 from cityseg.bench.gpu_measure import build_step
 from cityseg.bench.throughput import step_parts
-from cityseg.config.schema import load_config
+from cityseg.config.load import load_config
 from cityseg.distributed import run_lock
 from cityseg.distributed.runtime import make_accelerator
 from cityseg.train import loop as engine

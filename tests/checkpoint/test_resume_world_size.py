@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from accelerate.data_loader import SeedableRandomSampler
 
-from cityseg.checkpoint import adapt_position, samples_in_epoch
+from cityseg.train.resume import adapt_position, samples_in_epoch
 from cityseg.data.sampler import EpochSampler
 from tests.helpers.process import child_env, train
 from tests.helpers.runs import assert_exit, read_jsonl, sealed_steps, trainer_state

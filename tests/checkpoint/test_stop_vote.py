@@ -8,7 +8,7 @@ import signal
 
 import pytest
 
-from cityseg.distributed.preemption import CALIBRATION_STEPS
+from cityseg.distributed.stop_vote import CALIBRATION_STEPS
 from tests.helpers.process import child_env, finish, rank_pids, start, wait_for
 from tests.helpers.runs import read_jsonl, sealed_steps, trainer_state, unsealed_dirs
 

@@ -17,7 +17,7 @@ from cityseg.data.cityscapes import DataError, find_pairs, read_image, read_pair
 from cityseg.checkpoint import CheckpointError, load_weights
 from cityseg.labels import label_lut
 from cityseg.model.build import ModelError, build_model
-from cityseg.config.schema import load_config
+from cityseg.config.load import load_config
 from tests.helpers.files import copy_tree
 from tests.helpers.process import child_env, cityseg
 from tests.helpers.runs import read_jsonl, tiny_overrides

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from cityseg.cli import build_parser
-from cityseg.config.schema import load_config
+from cityseg.config.load import load_config
 from tests.helpers.process import CONFIG, PYTHON, REPO, child_env, cityseg, run
 from tests.helpers.runs import tiny_overrides
 
@@ -20,7 +20,7 @@ HEAVY = ("torch", "segmentation_models_pytorch", "accelerate", "wandb", "timm", 
 
 def test_cli_and_config_import_nothing_heavy():
     """What makes help and config errors fast: a deterministic check, independent of machine load."""
-    code = ("import sys, cityseg.cli, cityseg.config.schema; cityseg.config.schema.load_config('configs/demo.yaml');"
+    code = ("import sys, cityseg.cli, cityseg.config.load; cityseg.config.load.load_config('configs/demo.yaml');"
             f"print(sorted(m for m in {HEAVY!r} if m in sys.modules))")
     result = run([PYTHON, "-c", code])
     assert result.returncode == 0 and result.stdout.strip() == "[]", result.stdout + result.stderr

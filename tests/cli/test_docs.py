@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 
 from cityseg.cli import build_parser
-from cityseg.config.schema import Config, load_config
+from cityseg.config.load import load_config
+from cityseg.config.schema import Config
 from tests.helpers.process import child_env
 
 REPO = Path(__file__).resolve().parents[2]

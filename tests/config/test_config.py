@@ -1,7 +1,8 @@
 """Config loading: YAML + overrides, and every user error as one line, exit 2, no traceback."""
 import pytest
 
-from cityseg.config.schema import ConfigError, load_config
+from cityseg.config.load import load_config
+from cityseg.config.schema import ConfigError
 from tests.helpers.process import cityseg
 
 

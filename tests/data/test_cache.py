@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from cityseg.config.schema import load_config
+from cityseg.config.load import load_config
 from cityseg.data.cache import CachedPairs, prepare
 from cityseg.data.cityscapes import DataError, collate
 from cityseg.data.device_augment import augment_batch

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from cityseg.config.schema import load_config
+from cityseg.config.load import load_config
 from cityseg.data.cityscapes import DataError, find_pairs, read_pair
 from cityseg.data.loaders import eval_dataset, train_dataset
 from cityseg.labels import IGNORE_INDEX, label_lut

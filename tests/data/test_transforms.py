@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from cityseg.config.schema import IMAGENET_MEAN, IMAGENET_STD, DataConfig, ModelConfig, load_config
+from cityseg.config.load import load_config
+from cityseg.config.schema import IMAGENET_MEAN, IMAGENET_STD, DataConfig, ModelConfig
 from cityseg.data.transforms import CatMaxRatioCrop, eval_transform, train_transform
 from cityseg.data.normalization import encoder_normalization, resolve_normalization
 
@@ -67,7 +68,7 @@ def test_a_recorded_config_without_normalization_is_an_older_runs_imagenet(tmp_p
     the encoder; their retired train.reference_world_size is dropped, not an error."""
     text = load_config("configs/unet_mobilenetv3_512x1024_320k.yaml")
     path = tmp_path / "config.yaml"
-    from cityseg.config.schema import dump_config
+    from cityseg.config.load import dump_config
 
     old = dump_config(text).replace("  mean: null\n", "").replace("  std: null\n", "")
     old = old.replace("  reference_global_batch: 16\n", "  reference_world_size: 4\n")

@@ -16,7 +16,7 @@ import torch
 from accelerate.utils import set_seed
 from torch.utils.data import Dataset, get_worker_info
 
-from cityseg.config.schema import load_config
+from cityseg.config.load import load_config
 from cityseg.data.loaders import train_dataset, train_stream
 from cityseg.distributed.runtime import make_accelerator
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from cityseg.config.schema import load_config
+from cityseg.config.load import load_config
 from cityseg.distributed.runtime import make_accelerator
 
 START_LIMIT_S = 300

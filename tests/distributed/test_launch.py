@@ -24,7 +24,7 @@ def accelerator_factory():
 
 def test_bf16_on_cpu_runs_the_layers_in_bf16(accelerator_factory):
     """The model as train() prepares and calls it: every conv / BN / activation output inside autocast is bf16."""
-    from cityseg.config.schema import load_config
+    from cityseg.config.load import load_config
     from cityseg.model.build import build_model
 
     cfg = load_config("configs/demo.yaml", ["train.mixed_precision=bf16"])

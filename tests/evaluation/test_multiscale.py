@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cityseg.config.schema import load_config
+from cityseg.config.load import load_config
 from cityseg.evaluation.inference import segment_logits
 from cityseg.model.build import build_model
 from tests.helpers.evaluation import close, eval_cfg

@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 
 from cityseg import checkpoint
 from cityseg.cli import main as cityseg_main
+from cityseg.train.resume import find_resume
 
 HEADROOM = 10  # steps a run may take past its checkpoint: more than a kill ever lets it run, few to finish
 
@@ -72,7 +73,7 @@ def on_disk(out: Path) -> dict:
             steps.append(state["step"])
         except Exception as err:  # noqa: BLE001 - recorded and asserted on by the test
             corrupt.append(f"{path}: {err}")
-    resume = checkpoint.find_resume(out, warn=lambda _: None)
+    resume = find_resume(out, warn=lambda _: None)
     return {"steps": steps, "corrupt": corrupt, "resume": str(resume) if resume else None,
             "unsealed": sorted(p.name for p in (out / "checkpoints").glob(".*")) if (out / "checkpoints").exists() else []}
 
@@ -81,7 +82,7 @@ def main() -> int:
     out, kills, seed, args = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4:]
     rng = random.Random(seed)
     for index in range(kills):
-        expected = checkpoint.find_resume(out, warn=lambda _: None)
+        expected = find_resume(out, warn=lambda _: None)
         log = out.parent / f"{out.name}_run{index}.log"
         started = time.time()
         first = (checkpoint.read_trainer_state(expected)["step"] if expected else 0) + 1

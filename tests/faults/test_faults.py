@@ -18,6 +18,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from cityseg import checkpoint
+from cityseg.train.resume import find_resume
 from tests.helpers.process import PYTHON, REPO, child_env, launch_cmd, rank_pids, run
 from tests.helpers.runs import read_jsonl, tiny_overrides
 
@@ -71,7 +72,7 @@ def test_ctrl_c_on_two_processes_checkpoints_and_exits_cleanly(synth_root, tmp_p
     assert match, output[-3000:]
     saved, step = checkpoint.step_dir(out, int(match.group(2))), int(match.group(2))
     assert str(saved) == match.group(1) and step >= 3
-    assert checkpoint.verify(saved)["step"] == step and checkpoint.find_resume(out) == saved
+    assert checkpoint.verify(saved)["step"] == step and find_resume(out) == saved
     assert "KeyboardInterrupt" not in output and "[rank" not in output, output[-3000:]  # no worker traceback
     assert not list((out / "checkpoints").glob(".tmp_*"))
 
@@ -218,6 +219,6 @@ def test_a_failed_checkpoint_write_keeps_the_previous_checkpoint(synth_root, tmp
     assert "\n" not in line and "Traceback" not in line, second.stderr
     assert line.startswith(f"error: {out / 'checkpoints'}: writing checkpoint step_00000002 failed ("), line
     assert line.endswith(f"GiB free there); the previous checkpoint {previous} is intact"), line
-    assert checkpoint.find_resume(out) == previous and checkpoint.verify(previous)["step"] == 1
+    assert find_resume(out) == previous and checkpoint.verify(previous)["step"] == 1
     assert (previous / checkpoint.MODEL_FILE).read_bytes() == before
     assert not list((out / "checkpoints").glob(".*"))  # the partial checkpoint was removed, its space freed

@@ -3,7 +3,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from cityseg.config.schema import load_config
+from cityseg.config.load import load_config
 from cityseg.model.build import ModelError, build_model
 from tests.helpers.files import CodeOnLoad
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import inspect
 
-from cityseg.model import names as model_names
+from cityseg.config import model_names
 
 
 def test_architectures_are_smps_classes_as_smp_spells_them():

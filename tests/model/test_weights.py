@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import save
 
-from cityseg.config.schema import load_config
+from cityseg.config.load import load_config
 from cityseg.model.weights import HubFile, hub_files
 from tests.helpers.process import PYTHON, child_env, cityseg, run
 from tests.helpers.runs import tiny_overrides
@@ -79,7 +79,7 @@ def test_check_and_fetch_find_a_prepared_cache(encoder, tmp_path):
 def test_training_offline_loads_the_cached_weights(synth_root, tmp_path):
     cache = tmp_path / "hub"
     state = build_cache(cache, "tu-tf_mobilenetv3_small_minimal_100")
-    probe = ("import json, sys; from cityseg.config.schema import load_config; from cityseg.model.build import build_model; "
+    probe = ("import json, sys; from cityseg.config.load import load_config; from cityseg.model.build import build_model; "
              "m = build_model(load_config('configs/demo.yaml', ['model.encoder_weights=imagenet']).model, 19); "
              "print(json.dumps(m.encoder.model.state_dict()['conv_stem.weight'].flatten()[:8].tolist()))")
     loaded = run([PYTHON, "-c", probe], env=offline_env(cache), timeout=300)

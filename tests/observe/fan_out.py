@@ -6,7 +6,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
-from cityseg.config.schema import load_config
+from cityseg.config.load import load_config
 from cityseg.observe.console import RunConsole
 from cityseg.observe.trackers import build_trackers
 

@@ -3,7 +3,7 @@ from its model definitions (no mmseg here), output stride 8 and the auxiliary he
 import pytest
 import torch
 
-from cityseg.config.schema import load_config
+from cityseg.config.load import load_config
 from cityseg.model.heads import WithAuxHead
 from cityseg.model.build import build_model
 from tests.helpers.process import REPO

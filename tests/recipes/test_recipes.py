@@ -3,7 +3,7 @@ keeps its anchor's LR on another global batch (and says how to match it), and st
 import pytest
 import yaml
 
-from cityseg.config.schema import load_config
+from cityseg.config.load import load_config
 from cityseg.train.optim import lr_at
 from tests.helpers.process import PYTHON, REPO, run
 from tests.helpers.runs import read_jsonl, tiny_overrides

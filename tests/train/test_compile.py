@@ -5,7 +5,8 @@ import torch
 from torch._dynamo.eval_frame import OptimizedModule
 
 from cityseg.train import loop as engine
-from cityseg.config.schema import LossConfig, load_config
+from cityseg.config.load import load_config
+from cityseg.config.schema import LossConfig
 from cityseg.train.losses import DiceCELoss, build_loss
 from tests.helpers.runs import tiny_overrides
 

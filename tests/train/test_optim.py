@@ -6,7 +6,8 @@ import math
 import pytest
 import torch
 
-from cityseg.config.schema import OptimConfig, load_config
+from cityseg.config.load import load_config
+from cityseg.config.schema import OptimConfig
 from cityseg.model.build import build_model
 from cityseg.train.optim import build_optimizer, lr_at, lr_scaling, set_lr
 from tests.helpers.process import PYTHON, REPO, run

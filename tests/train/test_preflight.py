@@ -8,7 +8,7 @@ from safetensors.torch import save_file
 import torch
 
 from cityseg.cli import main as cityseg_main
-from cityseg.config.schema import load_config
+from cityseg.config.load import load_config
 from cityseg.data.cityscapes import find_pairs
 from cityseg.train.preflight import run_checks
 from tests.helpers.runs import tiny_overrides

@@ -7,7 +7,8 @@ import shutil
 
 import yaml
 
-from cityseg.config.schema import Config, load_config, to_dict
+from cityseg.config.load import load_config, to_dict
+from cityseg.config.schema import Config
 from cityseg.train.optim import lr_at
 from cityseg.train.resume import ALLOWED, compare, flatten, upgrade_trainer_state
 from tests.helpers.process import CONFIG, cityseg

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from cityseg.config.schema import load_config
+from cityseg.config.load import load_config
 from cityseg.train.optim import Schedule
 from tests.helpers.process import REPO, train
 from tests.helpers.runs import read_jsonl, tiny_overrides

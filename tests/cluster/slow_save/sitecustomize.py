@@ -27,9 +27,9 @@ if os.environ.get("CITYSEG_TEST_HOLD_AT_STEP"):
     import signal
     import time
 
-    from cityseg.distributed import preemption
+    from cityseg.distributed import markers
 
-    _real_mark_step = preemption.mark_step
+    _real_mark_step = markers.mark_step
 
     def _holding_mark_step(step: int) -> None:
         _real_mark_step(step)
@@ -39,4 +39,4 @@ if os.environ.get("CITYSEG_TEST_HOLD_AT_STEP"):
             while flag is not None and not flag.received and time.monotonic() < deadline:
                 time.sleep(0.1)
 
-    preemption.mark_step = _holding_mark_step
+    markers.mark_step = _holding_mark_step

@@ -1,7 +1,7 @@
-"""Names smp accepts, as smp spells them: config.py checks model.* against these without importing smp/timm.
+"""Names smp accepts, as smp spells them: config/load.py checks model.* against these without importing smp/timm.
 
 Generated from segmentation-models-pytorch 0.6.0 and timm 1.0.31;
-tests/test_model_names.py fails when the installed packages list other names (it prints the new lists)."""
+tests/model/test_model_names.py fails when the installed packages list other names (it prints the new lists)."""
 
 ARCHITECTURES = ("DPT", "DeepLabV3", "DeepLabV3Plus", "FPN", "Linknet", "MAnet", "PAN", "PSPNet", "Segformer",
                  "UPerNet", "Unet", "UnetPlusPlus")
