@@ -13,7 +13,8 @@ import sys
 from cityseg import commands
 from cityseg.commands import EXIT_USAGE, is_main_rank, report
 from cityseg.config.schema import ConfigError
-from cityseg.data.layout import DataError
+from cityseg.config.load import load_config
+from cityseg.data.layout import DataError, check_split_dir
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -156,7 +157,17 @@ def _one_line(err: Exception) -> str:
     return text.splitlines()[0] if text else type(err).__name__
 
 
-COMMANDS = {"train": commands.run_train, "evaluate": commands.run_evaluate, "predict": commands.run_predict,
+def run_train(args) -> int:
+    """The product's main path, kept here: train.py -> cli.py -> train/loop.py -> train/step.py."""
+    cfg = load_config(args.config, args.overrides)  # before the heavy imports: a config error answers at once
+    for split in (cfg.data.train_split, cfg.data.val_split):  # so does a wrong data.root
+        check_split_dir(cfg.data.root, split)
+    from cityseg.train.loop import train
+
+    return train(cfg)
+
+
+COMMANDS = {"train": run_train, "evaluate": commands.run_evaluate, "predict": commands.run_predict,
             "export": commands.run_export, "check": commands.run_check, "config": commands.run_config,
             "synth": commands.run_synth, "prepare": commands.run_prepare, "bench": commands.run_bench,
             "weights": commands.run_weights}

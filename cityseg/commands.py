@@ -25,15 +25,6 @@ def _config_for(args) -> object:
     return load_config(path, args.overrides, recorded=args.config is None)  # a run's: normalization of old runs
 
 
-def run_train(args) -> int:
-    cfg = load_config(args.config, args.overrides)  # before the heavy imports: a config error answers at once
-    for split in (cfg.data.train_split, cfg.data.val_split):  # so does a wrong data.root
-        check_split_dir(cfg.data.root, split)
-    from cityseg.train.loop import train
-
-    return train(cfg)
-
-
 def run_evaluate(args) -> int:
     if args.mode:
         args.overrides = [*args.overrides, f"eval.mode={args.mode}"]

@@ -2,31 +2,26 @@
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
-PACKAGE = Path(__file__).resolve().parents[1] / "cityseg"
-# floor of each room (a module path relative to cityseg/, or a folder/ for all its modules); higher imports lower
-FLOORS = {
-    "entry": (5, ["__main__.py", "cli.py", "commands.py", "bench/"]),
-    "loops": (4, ["train/loop.py", "evaluation/evaluate.py", "evaluation/predict.py", "api.py"]),
-    "setup": (3, ["train/setup.py", "train/preflight.py", "observe/trackers.py"]),
-    "parts": (2, ["train/", "model/", "data/", "evaluation/", "distributed/", "observe/", "checkpoint.py"]),
-    # tables that import nothing: the config's schema and the names it checks against (classes, architectures)
-    "leaves": (1, ["config/", "labels.py", "model/names.py", "__init__.py"]),
-}
+REPO = Path(__file__).resolve().parents[1]
+PACKAGE = REPO / "cityseg"
+MAP = REPO / "docs" / "architecture.md"  # the picture: its module table gives every room its floor
+FLOORS = ("leaves", "parts", "setup", "loops", "entry")  # bottom to top
 MAX_FILE_LINES, MAX_FUNCTION_LINES, MAX_TOP_MODULES = 400, 60, 8
 
 
+def mapped_floors() -> dict[str, str]:
+    """room (a path under cityseg/) -> its floor, as docs/architecture.md's module table draws it."""
+    rows = re.findall(r"^\|\s*`cityseg/([\w/]+\.py)`\s*\|\s*(\w+)\s*\|", MAP.read_text(), re.M)
+    return dict(rows)
+
+
 def floor_of(room: str) -> tuple[int, str]:
-    """The most specific entry wins: train/loop.py is on the loops floor, the rest of train/ on the parts floor."""
-    best = None
-    for name, (level, places) in FLOORS.items():
-        for place in places:
-            if room == place or (place.endswith("/") and room.startswith(place)):
-                if best is None or len(place) > best[0]:
-                    best = (len(place), level, name)
-    assert best is not None, f"cityseg/{room}: on no floor of tests/test_house.py: give it one"
-    return best[1], best[2]
+    name = mapped_floors().get(room)
+    assert name in FLOORS, f"{MAP.name}: cityseg/{room} is on floor {name!r}, not one of {', '.join(FLOORS)}"
+    return FLOORS.index(name), name
 
 
 def rooms() -> dict[str, Path]:
@@ -99,6 +94,12 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     return found
 
 
+def test_the_map_names_every_room_and_no_other():
+    on_disk, drawn = set(rooms()), set(mapped_floors())
+    assert on_disk - drawn == set(), f"{MAP}: add a row | `cityseg/<room>` | <floor> | <role> | for each"
+    assert drawn - on_disk == set(), f"{MAP}: rows of rooms that do not exist"
+
+
 def test_no_import_circles():
     assert cycles(arrows()) == []
 
@@ -144,6 +145,7 @@ def test_rooms_are_small_and_say_what_they_are():
 
 
 def test_the_checks_see_a_circle_and_an_upward_arrow():
-    """The checks above on a drawn graph: a circle and an arrow from the parts floor up to the loops floor."""
+    """The checks above on a drawn graph (a circle) and on the map (the loop stands above its step and the config)."""
     assert cycles({"a.py": {"b.py"}, "b.py": {"a.py"}, "c.py": set()}) == [["a.py", "b.py"]]
-    assert floor_of("train/loop.py")[0] > floor_of("train/step.py")[0] > floor_of("config/schema.py")[0]
+    assert floor_of("train/loop.py")[0] > floor_of("train/setup.py")[0] > floor_of("train/step.py")[0] \
+        > floor_of("config/schema.py")[0]

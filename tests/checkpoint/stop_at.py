@@ -17,7 +17,12 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
-import cityseg.train.loop
+import cityseg
+
+try:  # the training loop's module: cityseg/train/loop.py, or cityseg/engine.py in a tree from before the folders
+    import cityseg.train.loop as engine
+except ModuleNotFoundError:
+    import cityseg.engine as engine
 
 
 def main() -> None:
@@ -27,14 +32,14 @@ def main() -> None:
 
     signal_step, signal_save, kill_save = at("CITYSEG_TEST_SIGNAL_STEP"), at("CITYSEG_TEST_SIGNAL_SAVE"), \
         at("CITYSEG_TEST_KILL_SAVE")
-    real_step, real_save, real_restore = cityseg.train.loop.train_step, cityseg.train.loop.checkpoint.save, \
-        cityseg.train.loop.restore
+    real_step, real_save, real_restore = engine.train_step, engine.checkpoint.save, \
+        engine.restore
     dump = os.environ.get("CITYSEG_TEST_DUMP_RESTORED")
 
     def restore(run, *args, **kwargs):
         real_restore(run, *args, **kwargs)
         if dump:
-            bare = cityseg.train.loop.unwrap_for_eval(run.accelerator, run.model)
+            bare = engine.unwrap_for_eval(run.accelerator, run.model)
             Path(dump).mkdir(parents=True, exist_ok=True)
             save_file({name: tensor.detach().clone() for name, tensor in bare.named_buffers()},
                       str(Path(dump) / f"rank{run.accelerator.process_index}.safetensors"))
@@ -52,10 +57,10 @@ def main() -> None:
             os.kill(os.getpid(), signal.SIGKILL)
         return sealed
 
-    cityseg.train.loop.train_step, cityseg.train.loop.checkpoint.save, cityseg.train.loop.restore = train_step, save, restore
+    engine.train_step, engine.checkpoint.save, engine.restore = train_step, save, restore
     sys.argv = ["train.py", *sys.argv[1:]]
     # the train.py beside the cityseg package imported (PYTHONPATH may name an earlier tree of the code)
-    runpy.run_path(str(Path(cityseg.train.loop.__file__).resolve().parents[2] / "train.py"), run_name="__main__")
+    runpy.run_path(str(Path(cityseg.__file__).resolve().parents[1] / "train.py"), run_name="__main__")
 
 
 if __name__ == "__main__":
