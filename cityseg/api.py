@@ -16,11 +16,11 @@ import torch
 from cityseg.checkpoint import CheckpointError, load_weights
 from cityseg.config.load import load_config, run_config_path
 from cityseg.config.schema import Config
+from cityseg.data.normalization import resolve_normalization
 from cityseg.data.transforms import normalization
 from cityseg.evaluation.inference import segment_logits, upsampled_argmax
 from cityseg.labels import class_names, colorize, to_label_ids_lut
 from cityseg.model.build import build_model
-from cityseg.data.normalization import resolve_normalization
 
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 

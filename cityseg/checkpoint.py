@@ -8,7 +8,9 @@ import shutil
 import zipfile
 from pathlib import Path
 
-from accelerate.utils import load as load_pickled_tensors  # torch.load(weights_only=True) + numpy's RNG arrays
+from accelerate.utils import (
+    load as load_pickled_tensors,  # torch.load(weights_only=True) + numpy's RNG arrays
+)
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 

@@ -12,8 +12,8 @@ import sys
 
 from cityseg import commands
 from cityseg.commands import EXIT_USAGE, is_main_rank, report
-from cityseg.config.schema import ConfigError
 from cityseg.config.load import load_config
+from cityseg.config.schema import ConfigError
 from cityseg.data.layout import DataError, check_split_dir
 
 
@@ -176,8 +176,8 @@ COMMANDS = {"train": run_train, "evaluate": commands.run_evaluate, "predict": co
 def user_errors() -> tuple[type, ...]:
     """The one-line error classes of the heavy modules, imported only now: a command that raised one loaded it."""
     from cityseg.checkpoint import CheckpointError
-    from cityseg.train.loop import TrainingError
     from cityseg.model.build import ModelError
+    from cityseg.train.loop import TrainingError
 
     return ConfigError, DataError, ModelError, CheckpointError, TrainingError
 

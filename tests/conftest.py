@@ -11,7 +11,6 @@ import pytest
 from tests.helpers.process import PYTHON, run
 from tests.helpers.runs import tiny_overrides
 
-
 GPU_NOTICE = ("{n} CUDA test(s) (marker gpu) deselected: CI machines have no GPU; on a GPU machine run "
               "`bash tests/run.sh -m gpu` (the GPU path is measured by bench/gpu_proof.sh)")
 

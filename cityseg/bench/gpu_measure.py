@@ -112,8 +112,8 @@ def loop_child(cfg_path: str, steps: int, window: int = 0) -> dict:
     The loader must hold 2 + steps + window batches."""
     from cityseg.config.load import load_config
     from cityseg.data.loaders import train_dataset
-    from cityseg.distributed.stop_vote import StopVote
     from cityseg.distributed.runtime import make_accelerator
+    from cityseg.distributed.stop_vote import StopVote
     from cityseg.labels import num_classes
     from cityseg.observe.speed import Speedometer
     from cityseg.train.setup import build_training
@@ -163,10 +163,10 @@ def eval_child(cfg_path: str, weights: str, images: int) -> dict:
     from cityseg.checkpoint import load_weights
     from cityseg.config.load import load_config
     from cityseg.data.loaders import eval_dataset
+    from cityseg.distributed.runtime import make_accelerator
     from cityseg.evaluation.inference import segment_logits
     from cityseg.labels import num_classes
     from cityseg.model.build import build_model
-    from cityseg.distributed.runtime import make_accelerator
 
     cfg = load_config(cfg_path, ["eval.mode=full", "eval.sliding=true", "eval.flip=true",
                                  "train.mixed_precision=bf16" if torch.cuda.is_available() else "train.mixed_precision='no'"])

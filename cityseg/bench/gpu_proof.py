@@ -14,8 +14,15 @@ from pathlib import Path
 import torch
 import yaml
 
-from cityseg.bench.gpu_diagnose import (COMPILE_VARIANTS, NEEDS_CUDA, diagnose_child, diagnosis_rows, run_child, tile_tree,
-                                  variant_child)
+from cityseg.bench.gpu_diagnose import (
+    COMPILE_VARIANTS,
+    NEEDS_CUDA,
+    diagnose_child,
+    diagnosis_rows,
+    run_child,
+    tile_tree,
+    variant_child,
+)
 from cityseg.bench.gpu_measure import eval_child, loop_child, step_child
 
 REPO = Path(__file__).resolve().parents[2]

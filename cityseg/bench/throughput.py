@@ -19,20 +19,19 @@ from albumentations.pytorch import ToTensorV2
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from cityseg.bench.stop_vote import start_votes, vote_report
 from cityseg.config.load import from_dict, to_dict
 from cityseg.data.cache import CachedPairs, check_manifest, write_cache, write_manifest
 from cityseg.data.cityscapes import CityscapesPairs, DataError, collate, find_pairs
 from cityseg.data.device_augment import augment_batch
 from cityseg.data.synthetic import write_synthetic
 from cityseg.data.transforms import IMAGENET_MEAN, IMAGENET_STD, train_transform
-from cityseg.labels import label_lut, num_classes
 from cityseg.distributed.runtime import make_accelerator
+from cityseg.labels import label_lut, num_classes
 from cityseg.model.build import unwrap_for_eval
 from cityseg.train.optim import build_optimizer
 from cityseg.train.setup import build_training
 from cityseg.train.step import StepStats, train_step
-from cityseg.bench.stop_vote import start_votes, vote_report
-
 
 # ---- the seed recipe's data path, re-implemented faithfully: PIL, per-sample albumentations, in-loop encoding
 

@@ -9,7 +9,13 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from cityseg.data.layout import IMAGE_SUFFIX, LABEL_SUFFIX, LAYOUT, DataError, check_split_dir
+from cityseg.data.layout import (
+    IMAGE_SUFFIX,
+    LABEL_SUFFIX,
+    LAYOUT,
+    DataError,
+    check_split_dir,
+)
 from cityseg.data.transforms import sample_seed
 from cityseg.labels import known_label_ids
 

@@ -16,8 +16,8 @@ from cityseg.data.device_augment import AugmentParamsCollate
 from cityseg.data.sampler import EpochSampler
 from cityseg.data.stream import EpochBatches, TrainStream
 from cityseg.data.transforms import eval_transform, train_transform
-from cityseg.labels import label_lut
 from cityseg.distributed.preemption import shield_worker
+from cityseg.labels import label_lut
 
 
 def init_worker(worker_id: int, rank: int, preempt_signals: list[str]) -> None:

@@ -11,13 +11,19 @@ import torch
 from cityseg.checkpoint import load_weights
 from cityseg.data.cityscapes import LABEL_SUFFIX, DataError
 from cityseg.data.loaders import eval_dataset, eval_loader
-from cityseg.evaluation.inference import segment_logits, upsampled_argmax
-from cityseg.labels import class_names
-from cityseg.evaluation.metrics import (benchmark_scores, confusion_over, new_confusion, new_instance_stats, update_confusion,
-                             update_instance_stats)
-from cityseg.model.build import build_model
 from cityseg.data.normalization import resolve_normalization
 from cityseg.distributed.runtime import make_accelerator
+from cityseg.evaluation.inference import segment_logits, upsampled_argmax
+from cityseg.evaluation.metrics import (
+    benchmark_scores,
+    confusion_over,
+    new_confusion,
+    new_instance_stats,
+    update_confusion,
+    update_instance_stats,
+)
+from cityseg.labels import class_names
+from cityseg.model.build import build_model
 
 INSTANCE_SUFFIX = "_gtFine_instanceIds.png"
 AUG_TEST_SCALES = [0.5, 0.75, 1.0, 1.25, 1.5, 1.75]  # mmsegmentation's Cityscapes aug test (img_ratios), with flip

@@ -5,7 +5,13 @@ import math
 
 import torch
 
-from cityseg.labels import CATEGORIES, EVAL_CLASSES, IGNORE_INDEX, INSTANCE_CLASS_NAMES, category_lut
+from cityseg.labels import (
+    CATEGORIES,
+    EVAL_CLASSES,
+    IGNORE_INDEX,
+    INSTANCE_CLASS_NAMES,
+    category_lut,
+)
 
 
 def new_confusion(num_classes: int, device) -> torch.Tensor:

@@ -11,12 +11,12 @@ from torch.utils.data import DataLoader, Dataset
 from cityseg.checkpoint import load_weights
 from cityseg.data.cityscapes import IMAGE_SUFFIX, DataError, read_image
 from cityseg.data.loaders import rank_shard
+from cityseg.data.normalization import resolve_normalization
 from cityseg.data.transforms import eval_transform
+from cityseg.distributed.runtime import make_accelerator
 from cityseg.evaluation.inference import segment_logits, upsampled_argmax
 from cityseg.labels import class_names, colorize, to_label_ids_lut
 from cityseg.model.build import build_model
-from cityseg.data.normalization import resolve_normalization
-from cityseg.distributed.runtime import make_accelerator
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 # Three sibling trees, not three files side by side: the official evaluator takes every <city>_<seq>_<frame>*.png

@@ -5,7 +5,6 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-
 PROBE_TIMEOUT_S = 5  # the hub answers a HEAD request in well under a second when it can be reached
 
 

@@ -7,7 +7,13 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from cityseg.checkpoint import EMA_FILE, EMA_RANK_FILE, CheckpointError, load_rank_buffers, save_rank_buffers
+from cityseg.checkpoint import (
+    EMA_FILE,
+    EMA_RANK_FILE,
+    CheckpointError,
+    load_rank_buffers,
+    save_rank_buffers,
+)
 
 
 class WeightEMA:

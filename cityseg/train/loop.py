@@ -10,32 +10,30 @@ import torch
 from accelerate.utils import broadcast_object_list, set_seed
 
 from cityseg import checkpoint
-
-from cityseg.train import resume as resume_check
-
-from cityseg.distributed import run_lock
 from cityseg.config.load import save_config
 from cityseg.data.cityscapes import skipped_samples
 from cityseg.data.loaders import eval_dataset, eval_loader, train_dataset
-from cityseg.data.sampler import epoch_sampler
-from cityseg.observe.flops import peak_flops, train_flops_per_image
-from cityseg.labels import class_names
-from cityseg.evaluation.metrics import confusion_over, summarize
-from cityseg.model.build import average_batchnorm_stats, unwrap_for_eval
 from cityseg.data.normalization import resolve_normalization
-from cityseg.train.optim import Schedule
+from cityseg.data.sampler import epoch_sampler
+from cityseg.distributed import run_lock
 from cityseg.distributed.markers import write_requeue_marker
 from cityseg.distributed.preemption import EXIT_INTERRUPTED, EXIT_REQUEUE, StopFlag
-from cityseg.distributed.stop_vote import StopVote
-from cityseg.train.preflight import check_batch_share, check_output_dir
-from cityseg.observe.profiling import StepProfiler
 from cityseg.distributed.runtime import make_accelerator
-from cityseg.train.setup import build_training
-from cityseg.train.step import StepStats, device_batch, train_step
+from cityseg.distributed.stop_vote import StopVote
+from cityseg.evaluation.metrics import confusion_over, summarize
+from cityseg.labels import class_names
+from cityseg.model.build import average_batchnorm_stats, unwrap_for_eval
 from cityseg.observe.console import RunConsole
+from cityseg.observe.flops import peak_flops, train_flops_per_image
+from cityseg.observe.profiling import StepProfiler
 from cityseg.observe.records import METRICS_LOG, TRAIN_LOG, drop_records_after
 from cityseg.observe.speed import DataWait, Speedometer
 from cityseg.observe.trackers import Trackers, build_trackers
+from cityseg.train import resume as resume_check
+from cityseg.train.optim import Schedule
+from cityseg.train.preflight import check_batch_share, check_output_dir
+from cityseg.train.setup import build_training
+from cityseg.train.step import StepStats, device_batch, train_step
 
 
 class TrainingError(RuntimeError):

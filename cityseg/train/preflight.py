@@ -11,13 +11,12 @@ from pathlib import Path
 import torch
 
 from cityseg import checkpoint
-
-from cityseg.train import resume as resume_check
 from cityseg.config.schema import ConfigError
 from cityseg.data.cityscapes import DataError, find_pairs, read_pair
 from cityseg.distributed.runtime import check_mixed_precision
 from cityseg.labels import class_names, label_lut
 from cityseg.model.build import ModelError, build_model
+from cityseg.train import resume as resume_check
 
 DIST_ENV = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
             "ACCELERATE_USE_CPU", "ACCELERATE_MIXED_PRECISION", "CUDA_VISIBLE_DEVICES", "SLURM_JOB_ID",

@@ -7,8 +7,8 @@ import torch
 import torch.distributed as dist
 
 from cityseg.config.schema import Config
-from cityseg.model.build import unwrap_for_eval
 from cityseg.distributed.runtime import make_accelerator
+from cityseg.model.build import unwrap_for_eval
 
 
 def rank_gap(accelerator, model) -> float:

@@ -7,8 +7,8 @@ import sys
 import torch
 
 from cityseg.config.schema import Config
-from cityseg.train.optim import build_optimizer
 from cityseg.distributed.runtime import make_accelerator
+from cityseg.train.optim import build_optimizer
 from cityseg.train.step import StepStats, train_step
 
 

@@ -6,10 +6,15 @@ import os
 import pytest
 import torch
 
+from cityseg.bench.gpu_diagnose import (
+    _union_length,
+    profile_summary,
+    run_summary,
+    tile_tree,
+)
 from cityseg.config.schema import Config
 from cityseg.data.cityscapes import find_pairs
 from cityseg.data.synthetic import write_synthetic
-from cityseg.bench.gpu_diagnose import _union_length, profile_summary, run_summary, tile_tree
 
 
 def test_busy_time_is_the_union_of_overlapping_intervals():

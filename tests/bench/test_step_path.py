@@ -13,8 +13,8 @@ from cityseg.data.cityscapes import CityscapesPairs, collate, find_pairs
 from cityseg.data.loaders import worker_kwargs
 from cityseg.data.synthetic import write_synthetic
 from cityseg.data.transforms import train_transform
-from cityseg.observe.flops import gpu_model, peak_flops
 from cityseg.labels import label_lut
+from cityseg.observe.flops import gpu_model, peak_flops
 from tests.helpers.process import PYTHON, launch_cmd, rank_reports, run
 from tests.helpers.runs import read_jsonl, tiny_overrides
 

@@ -6,11 +6,19 @@ import shutil
 
 import pytest
 
+from cityseg.cli import main as cityseg_main
 from tests.helpers.files import CodeOnLoad
 from tests.helpers.process import cityseg, train
-from tests.helpers.runs import (assert_exit, final_weights, logged_steps, max_abs_diff, read_jsonl, sealed_steps,
-                                trainer_state, unsealed_dirs)
-from cityseg.cli import main as cityseg_main
+from tests.helpers.runs import (
+    assert_exit,
+    final_weights,
+    logged_steps,
+    max_abs_diff,
+    read_jsonl,
+    sealed_steps,
+    trainer_state,
+    unsealed_dirs,
+)
 
 # 16 images, batch 4: 4 steps per epoch, 2 epochs, a checkpoint after every step, the last 2 kept
 KEPT = dict(train__epochs=2, checkpoint__every_steps=1, checkpoint__keep_last=2, optim__lr=0.005)

@@ -7,7 +7,13 @@ import signal
 import pytest
 
 from tests.helpers.process import child_env, finish, group_pids, start, train, wait_for
-from tests.helpers.runs import assert_exit, assert_same_run, sealed_steps, trainer_state, unsealed_dirs
+from tests.helpers.runs import (
+    assert_exit,
+    assert_same_run,
+    sealed_steps,
+    trainer_state,
+    unsealed_dirs,
+)
 
 # 16 images, batch 2: 8 steps in the epoch, a checkpoint after every one; 2 loader workers to be signalled too
 ONE = dict(data__batch_size=2, data__num_workers=2, checkpoint__every_steps=1, checkpoint__keep_last=20)

@@ -7,7 +7,13 @@ import signal
 import pytest
 
 from tests.helpers.process import child_env, finish, rank_pids, start, train, wait_for
-from tests.helpers.runs import assert_exit, assert_same_run, sealed_steps, trainer_state, unsealed_dirs
+from tests.helpers.runs import (
+    assert_exit,
+    assert_same_run,
+    sealed_steps,
+    trainer_state,
+    unsealed_dirs,
+)
 
 pytestmark = pytest.mark.slow
 # 16 images, batch 2, 2 ranks: 4 steps per epoch, a checkpoint after every one

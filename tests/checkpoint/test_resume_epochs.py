@@ -8,8 +8,15 @@ import signal
 import pytest
 
 from tests.helpers.process import child_env, finish, rank_pids, start, train, wait_for
-from tests.helpers.runs import (assert_exit, final_weights, logged_steps, max_abs_diff, read_jsonl, sealed_steps,
-                                trainer_state)
+from tests.helpers.runs import (
+    assert_exit,
+    final_weights,
+    logged_steps,
+    max_abs_diff,
+    read_jsonl,
+    sealed_steps,
+    trainer_state,
+)
 
 pytestmark = pytest.mark.slow
 # 16 images, 8 steps per epoch either way (1 x 2 or 2 x 1 images per step), 3 epochs

@@ -12,7 +12,13 @@ import torch
 from safetensors.torch import load_file
 
 from tests.helpers.process import PYTHON, REPO, child_env, run, train
-from tests.helpers.runs import assert_exit, logged_steps, read_jsonl, sealed_steps, trainer_state
+from tests.helpers.runs import (
+    assert_exit,
+    logged_steps,
+    read_jsonl,
+    sealed_steps,
+    trainer_state,
+)
 
 pytestmark = pytest.mark.slow
 STOP_AT = "tests/checkpoint/stop_at.py"

@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 from accelerate.data_loader import SeedableRandomSampler
 
-from cityseg.train.resume import adapt_position, samples_in_epoch
 from cityseg.data.sampler import EpochSampler
+from cityseg.train.resume import adapt_position, samples_in_epoch
+from tests.checkpoint.record_samples import RECORD_ENV
 from tests.helpers.process import child_env, train
 from tests.helpers.runs import assert_exit, read_jsonl, sealed_steps, trainer_state
-from tests.checkpoint.record_samples import RECORD_ENV
 
 pytestmark = pytest.mark.slow
 RECORD = "tests/checkpoint/record_samples.py"

@@ -12,12 +12,12 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from cityseg.cli import main as cityseg_main
-from cityseg.data.cityscapes import DataError, find_pairs, read_image, read_pair
 from cityseg.checkpoint import CheckpointError, load_weights
+from cityseg.cli import main as cityseg_main
+from cityseg.config.load import load_config
+from cityseg.data.cityscapes import DataError, find_pairs, read_image, read_pair
 from cityseg.labels import label_lut
 from cityseg.model.build import ModelError, build_model
-from cityseg.config.load import load_config
 from tests.helpers.files import copy_tree
 from tests.helpers.process import child_env, cityseg
 from tests.helpers.runs import read_jsonl, tiny_overrides

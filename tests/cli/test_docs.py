@@ -1,7 +1,6 @@
 """The README and docs/ stay true: links resolve, the quick start runs, every config key and module is documented."""
 from __future__ import annotations
 
-import ast
 import contextlib
 import dataclasses
 import importlib.util

@@ -10,7 +10,16 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers.cluster import HOSTS, Cluster, environ_of, install_reason, job_log, tcp_peers, tiny, unavailable
+from tests.helpers.cluster import (
+    HOSTS,
+    Cluster,
+    environ_of,
+    install_reason,
+    job_log,
+    tcp_peers,
+    tiny,
+    unavailable,
+)
 
 
 @pytest.fixture(scope="session")

@@ -4,7 +4,14 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from tests.helpers.cluster import REPO, assert_same_weights, final_step, job_log, preempted_step, tiny
+from tests.helpers.cluster import (
+    REPO,
+    assert_same_weights,
+    final_step,
+    job_log,
+    preempted_step,
+    tiny,
+)
 
 SLOW_SAVE = Path(__file__).resolve().parent / "slow_save"  # sitecustomize: a save after a stop starts late
 

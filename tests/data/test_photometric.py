@@ -7,7 +7,13 @@ import numpy as np
 import torch
 
 from cityseg.data.device_augment import augment_batch
-from cityseg.data.photometric import PhotometricParams, distort, draw_params, hsv_to_rgb, rgb_to_hsv
+from cityseg.data.photometric import (
+    PhotometricParams,
+    distort,
+    draw_params,
+    hsv_to_rgb,
+    rgb_to_hsv,
+)
 from cityseg.data.transforms import PhotometricDistortion, sample_seed, train_transform
 
 

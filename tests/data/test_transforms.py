@@ -6,8 +6,8 @@ import torch
 
 from cityseg.config.load import load_config
 from cityseg.config.schema import IMAGENET_MEAN, IMAGENET_STD, DataConfig, ModelConfig
-from cityseg.data.transforms import CatMaxRatioCrop, eval_transform, train_transform
 from cityseg.data.normalization import encoder_normalization, resolve_normalization
+from cityseg.data.transforms import CatMaxRatioCrop, eval_transform, train_transform
 
 
 def share_of_top_class(mask: np.ndarray) -> float:

@@ -7,7 +7,16 @@ import subprocess
 
 import pytest
 
-from tests.helpers.process import CONFIG, PYTHON, REPO, child_env, cityseg, free_port, launch_cmd, run
+from tests.helpers.process import (
+    CONFIG,
+    PYTHON,
+    REPO,
+    child_env,
+    cityseg,
+    free_port,
+    launch_cmd,
+    run,
+)
 from tests.helpers.runs import read_jsonl, tiny_overrides
 
 pytestmark = pytest.mark.slow

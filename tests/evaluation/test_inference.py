@@ -2,14 +2,18 @@
 window is the image."""
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 import torch
 
 from cityseg.checkpoint import load_weights
 from cityseg.config.schema import ModelConfig
-from cityseg.evaluation.inference import segment_logits, sliding_logits, upsampled_argmax, window_starts
+from cityseg.evaluation.inference import (
+    segment_logits,
+    sliding_logits,
+    upsampled_argmax,
+    window_starts,
+)
 from cityseg.model.build import build_model
 from tests.helpers.evaluation import eval_cfg
 

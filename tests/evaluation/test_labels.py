@@ -2,9 +2,19 @@
 import numpy as np
 import torch
 
-from cityseg.bench.throughput import seed_encode_segmap  # the recipe's own loop, as the seed-style pipeline runs it
-from cityseg.labels import (IGNORE_INDEX, class_names, colorize, known_label_ids, label_lut, num_classes,
-                            palette, to_label_ids_lut)
+from cityseg.bench.throughput import (
+    seed_encode_segmap,  # the recipe's own loop, as the seed-style pipeline runs it
+)
+from cityseg.labels import (
+    IGNORE_INDEX,
+    class_names,
+    colorize,
+    known_label_ids,
+    label_lut,
+    num_classes,
+    palette,
+    to_label_ids_lut,
+)
 
 # cityscapesScripts, cityscapesscripts/helpers/labels.py: (name, id, trainId), all 35 rows. trainId 255 and -1 are
 # "not trained on"; labelIds PNGs are uint8, so the license plate's id -1 is stored as 255.

@@ -11,8 +11,14 @@ import pytest
 import torch
 
 from cityseg.evaluation.evaluate import instance_path, read_instance_ids
+from cityseg.evaluation.metrics import (
+    benchmark_scores,
+    new_confusion,
+    new_instance_stats,
+    update_confusion,
+    update_instance_stats,
+)
 from cityseg.labels import EVAL_CLASSES, colorize, label_lut, to_label_ids_lut
-from cityseg.evaluation.metrics import benchmark_scores, new_confusion, new_instance_stats, update_confusion, update_instance_stats
 from tests.helpers.evaluation import close
 from tests.helpers.process import cityseg, launch_cmd, run
 

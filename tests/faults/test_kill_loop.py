@@ -3,9 +3,9 @@ import json
 
 import pytest
 
+from tests.faults.kill_loop import HEADROOM
 from tests.helpers.process import PYTHON, child_env, run
 from tests.helpers.runs import tiny_overrides
-from tests.faults.kill_loop import HEADROOM
 
 KILLS = 20
 

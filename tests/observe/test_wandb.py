@@ -113,9 +113,9 @@ def test_training_steps_in_wandb_match_train_log(two_process_run):
 
 
 def test_sample_images_carry_ground_truth_and_prediction_masks(two_process_run):
+    from cityseg.checkpoint import load_weights
     from cityseg.config.load import load_config
     from cityseg.data.loaders import eval_dataset
-    from cityseg.checkpoint import load_weights
     from cityseg.model.build import build_model
 
     out, _ = two_process_run

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from cityseg.config.load import load_config
-from cityseg.model.heads import WithAuxHead
 from cityseg.model.build import build_model
+from cityseg.model.heads import WithAuxHead
 from tests.helpers.process import REPO
 
 

@@ -4,9 +4,9 @@ import pytest
 import torch
 from torch._dynamo.eval_frame import OptimizedModule
 
-from cityseg.train import loop as engine
 from cityseg.config.load import load_config
 from cityseg.config.schema import LossConfig
+from cityseg.train import loop as engine
 from cityseg.train.losses import DiceCELoss, build_loss
 from tests.helpers.runs import tiny_overrides
 

@@ -5,15 +5,19 @@ import sys
 
 import pytest
 import torch
-from torch._subclasses.fake_tensor import DataDependentOutputException, FakeTensor, FakeTensorMode
+from torch._subclasses.fake_tensor import (
+    DataDependentOutputException,
+    FakeTensor,
+    FakeTensorMode,
+)
 
-from cityseg.train import loop as engine
 from cityseg.cli import main as cityseg_main
 from cityseg.config.schema import Config
-from cityseg.train.losses import build_loss
-from cityseg.model.build import build_model
-from cityseg.train.optim import build_optimizer
 from cityseg.distributed.runtime import make_accelerator
+from cityseg.model.build import build_model
+from cityseg.train import loop as engine
+from cityseg.train.losses import build_loss
+from cityseg.train.optim import build_optimizer
 from cityseg.train.step import StepStats, gradient_norm, masked_update, train_step
 from tests.helpers.runs import tiny_overrides
 

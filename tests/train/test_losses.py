@@ -7,7 +7,12 @@ from segmentation_models_pytorch.losses import DiceLoss as SmpDiceLoss
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from cityseg.config.schema import ConfigError, LossConfig
-from cityseg.train.losses import CITYSCAPES_CLASS_WEIGHTS, DiceLoss, OhemCELoss, build_loss
+from cityseg.train.losses import (
+    CITYSCAPES_CLASS_WEIGHTS,
+    DiceLoss,
+    OhemCELoss,
+    build_loss,
+)
 
 
 def batch():

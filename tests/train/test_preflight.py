@@ -3,9 +3,8 @@ import shutil
 
 import numpy as np
 import pytest
-from safetensors.torch import save_file
-
 import torch
+from safetensors.torch import save_file
 
 from cityseg.cli import main as cityseg_main
 from cityseg.config.load import load_config
