@@ -74,13 +74,13 @@ def evaluate(cfg, weights: str | Path, split: str | None = None, aug_test: bool 
     accelerator = make_accelerator(cfg)
     scheme, full = cfg.data.label_scheme, cfg.eval.mode == "full"
     names = class_names(scheme)
-    dataset = eval_dataset(cfg, split, full_resolution=full)
+    dataset = eval_dataset(cfg.data, cfg.seed, split, full_resolution=full)
     model = build_model(cfg.model, len(names))
     load_weights(model, weights)
     model.to(accelerator.device)
     # full-resolution images differ in size outside Cityscapes proper, and a batch of them is large: one at a time
-    loader = eval_loader(cfg, dataset, accelerator.process_index, accelerator.num_processes,
-                         batch_size=1 if full else None)
+    loader = eval_loader(cfg.data, dataset, accelerator.process_index, accelerator.num_processes,
+                         preempt_signals=cfg.train.preempt_signals, batch_size=1 if full else None)
     instance_stats = None
     if full:
         with_instances = all(instance_path(label).is_file() for _, label in dataset.pairs)
