@@ -70,7 +70,7 @@ def evaluate(cfg, weights: str | Path, split: str | None = None, aug_test: bool 
     dict. aug_test: multi-scale + flip as mmsegmentation's aug test (eval.scales = AUG_TEST_SCALES, eval.flip)."""
     if aug_test:  # a copy: the caller's config is left as it was
         cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, scales=list(AUG_TEST_SCALES), flip=True))
-    resolve_normalization(cfg)  # a run's config.yaml records it; a config given by hand: the encoder's
+    resolve_normalization(cfg.data, cfg.model)  # a run's config.yaml records it; a config given by hand: the encoder's
     accelerator = make_accelerator(cfg)
     scheme, full = cfg.data.label_scheme, cfg.eval.mode == "full"
     names = class_names(scheme)

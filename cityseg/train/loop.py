@@ -98,7 +98,7 @@ def setup(cfg, phases: dict | None = None) -> Run:
     world = accelerator.num_processes
     output_dir = Path(cfg.output_dir)
     set_seed(cfg.seed)
-    resolve_normalization(cfg)  # data.mean / std null: the encoder's, recorded in config.yaml
+    resolve_normalization(cfg.data, cfg.model)  # data.mean / std null: the encoder's, recorded in config.yaml
     names = class_names(cfg.data.label_scheme)
     train_set = train_dataset(cfg.data, cfg.seed, bad_sample_log=output_dir / "skipped_samples.txt")
     val_set = eval_dataset(cfg.data, cfg.seed)
