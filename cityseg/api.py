@@ -73,7 +73,7 @@ class Segmenter:
         weights = weights_path(path)
         cfg = load_config(config if config is not None else run_config_path(weights), list(overrides),
                           recorded=config is None)
-        resolve_normalization(cfg)  # a config given by hand: the encoder's
+        resolve_normalization(cfg.data, cfg.model)  # a config given by hand: the encoder's
         model = build_model(cfg.model, len(class_names(cfg.data.label_scheme)))
         load_weights(model, weights)
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))

@@ -105,7 +105,7 @@ def run_prepare(args) -> int:
     from cityseg.data.cache import prepare
 
     splits = args.splits.split(",") if args.splits else [cfg.data.train_split, cfg.data.val_split]
-    for manifest in prepare(cfg, splits, args.workers):
+    for manifest in prepare(cfg.data, splits, args.workers):
         print(f"wrote {manifest.parent} ({json.loads(manifest.read_text())['num_samples']} samples)")
     return 0
 

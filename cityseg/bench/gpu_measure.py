@@ -121,7 +121,8 @@ def loop_child(cfg_path: str, steps: int, window: int = 0) -> dict:
 
     cfg = load_config(cfg_path, ["data.cache.device_augment=true", "train.channels_last=true"])
     accelerator = make_accelerator(cfg)
-    training = build_training(cfg, accelerator, num_classes(cfg.data.label_scheme), train_dataset(cfg))
+    train_set = train_dataset(cfg.data, cfg.seed)
+    training = build_training(cfg, accelerator, num_classes(cfg.data.label_scheme), train_set)
     stats, vote = StepStats(accelerator.device), StopVote(accelerator, 1.0)
     batches = iter(training.loader)
     training.model.train()
@@ -174,7 +175,7 @@ def eval_child(cfg_path: str, weights: str, images: int) -> dict:
     model = build_model(cfg.model, num_classes(cfg.data.label_scheme))
     load_weights(model, Path(weights))
     model = model.to(accelerator.device).eval()
-    dataset = eval_dataset(cfg, full_resolution=True)
+    dataset = eval_dataset(cfg.data, cfg.seed, full_resolution=True)
     batch = [dataset[i][0] for i in range(min(images, len(dataset)))]
     height, width = batch[0].shape[-2:]
     net_size = [height, width]  # full resolution: the network sees the source size through the sliding window

@@ -200,7 +200,7 @@ class CachedPairs(CityscapesPairs):
         return torch.from_numpy(image).permute(2, 0, 1), torch.from_numpy(mask), index, epoch
 
 
-def prepare(cfg, splits: list[str], workers: int | None = None) -> list[Path]:
+def prepare(data_cfg, splits: list[str], workers: int | None = None) -> list[Path]:
     """`cityseg prepare`: build the cache of each split; under a launcher the ranks split the shards."""
     from accelerate import PartialState
     from accelerate.utils import parse_flag_from_env
@@ -209,17 +209,17 @@ def prepare(cfg, splits: list[str], workers: int | None = None) -> list[Path]:
     from cityseg.data.cityscapes import find_pairs
     from cityseg.labels import label_lut
 
-    if not cfg.data.cache.dir:
+    if not data_cfg.cache.dir:
         raise DataError("data.cache.dir: not set; say where the cache goes, e.g. data.cache.dir=/scratch/cityscapes_cache")
     # like Accelerator(), honour ACCELERATE_USE_CPU: without it a CPU launch gives N lone processes that each
     # clear and write the whole split
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
     workers = workers or max(1, (os.cpu_count() or 1) // state.num_processes)
-    size, scheme, lut = storage_size(cfg.data), cfg.data.label_scheme, label_lut(cfg.data.label_scheme)
+    size, scheme, lut = storage_size(data_cfg), data_cfg.label_scheme, label_lut(data_cfg.label_scheme)
     written = []
     for split in splits:
-        pairs = find_pairs(cfg.data.root, split)
-        split_dir = Path(cfg.data.cache.dir) / split
+        pairs = find_pairs(data_cfg.root, split)
+        split_dir = Path(data_cfg.cache.dir) / split
         if state.is_main_process:
             clear_split(split_dir)
         state.wait_for_everyone()
@@ -227,10 +227,10 @@ def prepare(cfg, splits: list[str], workers: int | None = None) -> list[Path]:
                    if shard % state.num_processes == state.process_index)
         with Progress(disable=not state.is_main_process, transient=True) as bar:
             task = bar.add_task(f"{split}: {len(pairs)} pairs -> {size[0]}x{size[1]}", total=mine)
-            plan = write_cache(pairs, cfg.data.root, split_dir, size, scheme, lut, state.process_index,
+            plan = write_cache(pairs, data_cfg.root, split_dir, size, scheme, lut, state.process_index,
                                state.num_processes, workers, progress=lambda: bar.advance(task))
         state.wait_for_everyone()
         if state.is_main_process:
-            written.append(write_manifest(split_dir, cfg.data.root, pairs, size, scheme, plan))
+            written.append(write_manifest(split_dir, data_cfg.root, pairs, size, scheme, plan))
     state.wait_for_everyone()
     return written

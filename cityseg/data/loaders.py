@@ -37,46 +37,49 @@ def cached_dataset(data_cfg, seed: int, split: str, pairs, transform, raw: bool 
     return CachedPairs(split_dir, manifest, transform, seed=seed, raw=raw)
 
 
-def train_dataset(cfg, bad_sample_log: Path | None = None) -> CityscapesPairs:
-    if cfg.data.cache.device_augment and not cfg.data.cache.dir:
+def train_dataset(data_cfg, seed: int, bad_sample_log: Path | None = None) -> CityscapesPairs:
+    if data_cfg.cache.device_augment and not data_cfg.cache.dir:
         raise ConfigError("data.cache.device_augment: needs data.cache.dir (samples decoded from PNG are "
                           "augmented on the CPU)")
-    if cfg.data.cache.device_augment and cfg.data.cat_max_ratio < 1.0:
+    if data_cfg.cache.device_augment and data_cfg.cat_max_ratio < 1.0:
         raise ConfigError("data.cat_max_ratio: not applied by data.cache.device_augment (its crops are drawn "
                           "without the labels); set data.cat_max_ratio=1.0 or data.cache.device_augment=false")
-    pairs = find_pairs(cfg.data.root, cfg.data.train_split)
-    if cfg.data.cache.dir:
-        return cached_dataset(cfg.data, cfg.seed, cfg.data.train_split, pairs, train_transform(cfg.data),
-                              raw=cfg.data.cache.device_augment)
-    return CityscapesPairs(pairs, label_lut(cfg.data.label_scheme), train_transform(cfg.data), seed=cfg.seed,
-                           on_bad_sample=cfg.data.on_bad_sample, bad_sample_log=bad_sample_log)
+    pairs = find_pairs(data_cfg.root, data_cfg.train_split)
+    if data_cfg.cache.dir:
+        return cached_dataset(data_cfg, seed, data_cfg.train_split, pairs, train_transform(data_cfg),
+                              raw=data_cfg.cache.device_augment)
+    return CityscapesPairs(pairs, label_lut(data_cfg.label_scheme), train_transform(data_cfg), seed=seed,
+                           on_bad_sample=data_cfg.on_bad_sample, bad_sample_log=bad_sample_log)
 
 
-def eval_dataset(cfg, split: str | None = None, full_resolution: bool = False) -> CityscapesPairs:
+def eval_dataset(data_cfg, seed: int, split: str | None = None, full_resolution: bool = False) -> CityscapesPairs:
     """Evaluation samples resized to the training size (from the cache when the split is in it), or at the
     labels' own resolution (always from the files)."""
-    split = split or cfg.data.val_split
-    pairs = find_pairs(cfg.data.root, split)
-    size = None if full_resolution else cfg.data.image_size
-    if cfg.data.cache.dir and not full_resolution and (Path(cfg.data.cache.dir) / split).is_dir():
-        return cached_dataset(cfg.data, cfg.seed, split, pairs, eval_transform(cfg.data, size))  # not prepared: files
-    return CityscapesPairs(pairs, label_lut(cfg.data.label_scheme), eval_transform(cfg.data, size), seed=cfg.seed)
+    split = split or data_cfg.val_split
+    pairs = find_pairs(data_cfg.root, split)
+    size = None if full_resolution else data_cfg.image_size
+    if data_cfg.cache.dir and not full_resolution and (Path(data_cfg.cache.dir) / split).is_dir():
+        return cached_dataset(data_cfg, seed, split, pairs, eval_transform(data_cfg, size))  # not prepared: files
+    return CityscapesPairs(pairs, label_lut(data_cfg.label_scheme), eval_transform(data_cfg, size), seed=seed)
 
 
-def train_loader(cfg, dataset, rank: int, world: int = 1, epochs: int | None = None) -> DataLoader:
+def train_loader(data_cfg, dataset, seed: int, rank: int, world: int, *, epochs: int | None,
+                 preempt_signals: list[str]) -> DataLoader:
     """This rank's batches, epoch after epoch: shuffled per epoch by EpochSampler (resumable at any sample), dealt
     to the ranks in turn as accelerate.prepare would (not to be prepared again); the samples are (epoch, index)."""
-    batches = EpochBatches(EpochSampler(len(dataset), cfg.seed), cfg.data.batch_size, rank, world, epochs)
+    batches = EpochBatches(EpochSampler(len(dataset), seed), data_cfg.batch_size, rank, world, epochs)
     return DataLoader(
-        dataset, batch_sampler=batches, collate_fn=train_collate(cfg.data, cfg.seed, dataset),
-        worker_init_fn=functools.partial(init_worker, rank=rank, preempt_signals=cfg.train.preempt_signals),
-        **worker_kwargs(cfg.data.num_workers),
+        dataset, batch_sampler=batches, collate_fn=train_collate(data_cfg, seed, dataset),
+        worker_init_fn=functools.partial(init_worker, rank=rank, preempt_signals=preempt_signals),
+        **worker_kwargs(data_cfg.num_workers),
     )
 
 
-def train_stream(cfg, dataset, accelerator) -> TrainStream:
+def train_stream(data_cfg, dataset, accelerator, *, seed: int, epochs: int | None,
+                 preempt_signals: list[str]) -> TrainStream:
     """The run's training batches on the device, one epoch at a time from one long-lived loader iterator."""
-    loader = train_loader(cfg, dataset, accelerator.process_index, accelerator.num_processes, cfg.train.epochs)
+    loader = train_loader(data_cfg, dataset, seed, accelerator.process_index, accelerator.num_processes,
+                          epochs=epochs, preempt_signals=preempt_signals)
     return TrainStream(loader, accelerator.device, accelerator.non_blocking)
 
 
@@ -100,12 +103,13 @@ def rank_shard(num_samples: int, rank: int, world_size: int) -> list[int]:
     return list(range(rank, num_samples, world_size))
 
 
-def eval_loader(cfg, dataset, rank: int, world_size: int, batch_size: int | None = None) -> DataLoader:
+def eval_loader(data_cfg, dataset, rank: int, world_size: int, *, preempt_signals: list[str],
+                batch_size: int | None = None) -> DataLoader:
     """This rank's unique share of an evaluation set; metrics are summed across ranks afterwards."""
     shard = Subset(dataset, rank_shard(len(dataset), rank, world_size))
     return DataLoader(
-        shard, batch_size=batch_size or cfg.data.val_batch_size or cfg.data.batch_size, shuffle=False,
-        collate_fn=collate, **worker_kwargs(cfg.data.num_workers),
+        shard, batch_size=batch_size or data_cfg.val_batch_size or data_cfg.batch_size, shuffle=False,
+        collate_fn=collate, **worker_kwargs(data_cfg.num_workers),
         # persistent workers live through training: they must survive a preemption signal sent to the whole job
-        worker_init_fn=functools.partial(init_worker, rank=rank, preempt_signals=cfg.train.preempt_signals),
+        worker_init_fn=functools.partial(init_worker, rank=rank, preempt_signals=preempt_signals),
     )

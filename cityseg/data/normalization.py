@@ -40,12 +40,12 @@ def _smp_hub_settings(encoder: str, weights: str | None) -> dict | None:
     return settings if "mean" in settings and "std" in settings else None
 
 
-def resolve_normalization(cfg) -> str | None:
-    """Fill data.mean / data.std left null from the encoder (so config.yaml records what the run used); returns
+def resolve_normalization(data_cfg, model_cfg) -> str | None:
+    """Fill data.mean / data.std left null from model.encoder (so config.yaml records what the run used); returns
     where they came from, or None when the config set both."""
-    if cfg.data.mean is not None and cfg.data.std is not None:
+    if data_cfg.mean is not None and data_cfg.std is not None:
         return None
-    mean, std, source = encoder_normalization(cfg.model)
-    cfg.data.mean = cfg.data.mean if cfg.data.mean is not None else mean
-    cfg.data.std = cfg.data.std if cfg.data.std is not None else std
+    mean, std, source = encoder_normalization(model_cfg)
+    data_cfg.mean = data_cfg.mean if data_cfg.mean is not None else mean
+    data_cfg.std = data_cfg.std if data_cfg.std is not None else std
     return source

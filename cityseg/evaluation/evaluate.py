@@ -70,17 +70,17 @@ def evaluate(cfg, weights: str | Path, split: str | None = None, aug_test: bool 
     dict. aug_test: multi-scale + flip as mmsegmentation's aug test (eval.scales = AUG_TEST_SCALES, eval.flip)."""
     if aug_test:  # a copy: the caller's config is left as it was
         cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, scales=list(AUG_TEST_SCALES), flip=True))
-    resolve_normalization(cfg)  # a run's config.yaml records it; a config given by hand: the encoder's
+    resolve_normalization(cfg.data, cfg.model)  # a run's config.yaml records it; a config given by hand: the encoder's
     accelerator = make_accelerator(cfg)
     scheme, full = cfg.data.label_scheme, cfg.eval.mode == "full"
     names = class_names(scheme)
-    dataset = eval_dataset(cfg, split, full_resolution=full)
+    dataset = eval_dataset(cfg.data, cfg.seed, split, full_resolution=full)
     model = build_model(cfg.model, len(names))
     load_weights(model, weights)
     model.to(accelerator.device)
     # full-resolution images differ in size outside Cityscapes proper, and a batch of them is large: one at a time
-    loader = eval_loader(cfg, dataset, accelerator.process_index, accelerator.num_processes,
-                         batch_size=1 if full else None)
+    loader = eval_loader(cfg.data, dataset, accelerator.process_index, accelerator.num_processes,
+                         preempt_signals=cfg.train.preempt_signals, batch_size=1 if full else None)
     instance_stats = None
     if full:
         with_instances = all(instance_path(label).is_file() for _, label in dataset.pairs)

@@ -82,7 +82,7 @@ def write_outputs(paths: dict[str, Path], image: np.ndarray, prediction: np.ndar
 def predict(cfg, weights: str | Path, output: str | Path, split: str | None = None,
             input_dir: str | Path | None = None) -> int:
     """Write the three files of every image of a split (or folder); each rank its own share. Returns the count."""
-    resolve_normalization(cfg)  # a run's config.yaml records it; a config given by hand: the encoder's
+    resolve_normalization(cfg.data, cfg.model)  # a run's config.yaml records it; a config given by hand: the encoder's
     accelerator = make_accelerator(cfg)
     output = Path(output)
     root = Path(input_dir) if input_dir is not None else Path(cfg.data.root) / "leftImg8bit" / split

@@ -98,16 +98,17 @@ def setup(cfg, phases: dict | None = None) -> Run:
     world = accelerator.num_processes
     output_dir = Path(cfg.output_dir)
     set_seed(cfg.seed)
-    resolve_normalization(cfg)  # data.mean / std null: the encoder's, recorded in config.yaml
+    resolve_normalization(cfg.data, cfg.model)  # data.mean / std null: the encoder's, recorded in config.yaml
     names = class_names(cfg.data.label_scheme)
-    train_set = train_dataset(cfg, bad_sample_log=output_dir / "skipped_samples.txt")
-    val_set = eval_dataset(cfg)
+    train_set = train_dataset(cfg.data, cfg.seed, bad_sample_log=output_dir / "skipped_samples.txt")
+    val_set = eval_dataset(cfg.data, cfg.seed)
     check_batch_share(cfg.data.batch_size, len(train_set), world)
     check_output_dir(output_dir, create=True)  # the cheap preflight passed: only now write into output_dir
     run_lock.hold(output_dir, accelerator)  # before anything is written: a second run on it stops here
 
     training = build_training(cfg, accelerator, len(names), train_set)
-    val_loader = eval_loader(cfg, val_set, accelerator.process_index, world)
+    val_loader = eval_loader(cfg.data, val_set, accelerator.process_index, world,
+                             preempt_signals=cfg.train.preempt_signals)
     total_steps = training.schedule.total_steps
     console = RunConsole(accelerator.is_main_process, total_steps, cfg.train.log_every)
     global_batch = cfg.data.batch_size * world * cfg.train.grad_accum

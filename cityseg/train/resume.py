@@ -88,7 +88,7 @@ def verdict(cfg, checkpoint_dir: Path) -> list[str]:
     if saved is None:
         return [f"{checkpoint_dir} records no config.yaml: the config was not compared"]
     resolved = copy.deepcopy(cfg)  # `cityseg check` compares before training resolves data.mean / std
-    resolve_normalization(resolved)
+    resolve_normalization(resolved.data, resolved.model)
     refused, allowed = compare(saved, to_dict(resolved))
     if refused:
         raise ResumeRefused(

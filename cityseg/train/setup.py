@@ -67,7 +67,9 @@ def build_training(cfg, accelerator, num_classes: int, train_set=None,
     optimizer = build_optimizer(model, cfg.optim)
     model, optimizer = accelerator.prepare(model, optimizer)
     # one iterator for the run: prefetches across epoch ends
-    loader = train_stream(cfg, train_set, accelerator) if train_set is not None else None
+    loader = None if train_set is None else train_stream(
+        cfg.data, train_set, accelerator, seed=cfg.seed, epochs=cfg.train.epochs,
+        preempt_signals=cfg.train.preempt_signals)
     ema = attach_ema(accelerator, accelerator.unwrap_model(model), cfg.train.ema_decay)  # before any load_state
     if cfg.train.compile:
         model = torch.compile(model, **(compile_options or {}))

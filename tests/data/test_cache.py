@@ -25,6 +25,16 @@ def config(root, cache_dir=None, *extra):
     return load_config("configs/demo.yaml", overrides)
 
 
+def train_set(cfg):
+    """The training dataset as train.py builds it from cfg."""
+    return train_dataset(cfg.data, cfg.seed)
+
+
+def eval_set(cfg, split=None):
+    """The evaluation dataset as train.py builds it from cfg (split None: data.val_split)."""
+    return eval_dataset(cfg.data, cfg.seed, split)
+
+
 @pytest.fixture(scope="module")
 def cli_cache(synth_root, tmp_path_factory):
     """A cache of train and val at the training size, written by the real `cityseg prepare` command."""
@@ -38,7 +48,7 @@ def cli_cache(synth_root, tmp_path_factory):
 
 
 def test_cached_equals_uncached_at_the_training_size(synth_root, cli_cache):
-    plain, cached = train_dataset(config(synth_root)), train_dataset(config(synth_root, cli_cache))
+    plain, cached = train_set(config(synth_root)), train_set(config(synth_root, cli_cache))
     assert isinstance(cached, CachedPairs) and len(cached) == len(plain) == 16
     for epoch in (0, 3):
         plain.set_epoch(epoch)
@@ -49,7 +59,7 @@ def test_cached_equals_uncached_at_the_training_size(synth_root, cli_cache):
             assert i == j == index
             assert torch.equal(mask, cached_mask)  # same label ids and the same flip
             assert torch.equal(image, cached_image)  # stored at the training size: the same resize, bit for bit
-    val_plain, val_cached = eval_dataset(config(synth_root)), eval_dataset(config(synth_root, cli_cache))
+    val_plain, val_cached = eval_set(config(synth_root)), eval_set(config(synth_root, cli_cache))
     assert isinstance(val_cached, CachedPairs)
     assert all(torch.equal(val_plain[k][0], val_cached[k][0]) for k in range(len(val_plain)))
 
@@ -60,8 +70,8 @@ def test_cache_stored_larger_than_training_size_differs_only_by_interpolation(tm
     write_synthetic(tmp_path / "cs", n_train=6, n_val=0, height=128, width=256)
     augment = ["data.scale_range=[0.75,1.25]", "data.crop_size=[24,48]"]
     cfg = config(tmp_path / "cs", tmp_path / "c", "data.cache.size=[64,128]", *augment)
-    prepare(cfg, ["train"], workers=2)
-    plain, cached = train_dataset(config(tmp_path / "cs", None, *augment)), train_dataset(cfg)
+    prepare(cfg.data, ["train"], workers=2)
+    plain, cached = train_set(config(tmp_path / "cs", None, *augment)), train_set(cfg)
     for index in range(len(plain)):
         image, mask, _ = plain[index]
         cached_image, cached_mask, _ = cached[index]
@@ -76,39 +86,39 @@ def test_changed_source_file_makes_the_cache_stale(synth_root, tmp_path):
     root = tmp_path / "cs"
     shutil.copytree(synth_root, root)
     cfg = config(root, tmp_path / "cache")
-    prepare(cfg, ["train"], workers=1)
-    assert len(train_dataset(cfg)) == 16
+    prepare(cfg.data, ["train"], workers=1)
+    assert len(train_set(cfg)) == 16
     image = sorted((root / "leftImg8bit" / "train").rglob("*.png"))[3]
     stat = image.stat()
     os.utime(image, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))  # re-saved (same size, new mtime)
     with pytest.raises(DataError, match=f"stale cache: {image} changed since it was cached") as err:
-        train_dataset(cfg)
+        train_set(cfg)
     assert "cityseg prepare" in str(err.value) and "\n" not in str(err.value)
-    prepare(cfg, ["train"], workers=1)  # rebuilding makes it current again
-    assert len(train_dataset(cfg)) == 16
+    prepare(cfg.data, ["train"], workers=1)  # rebuilding makes it current again
+    assert len(train_set(cfg)) == 16
     label = sorted((root / "gtFine" / "train").rglob("*_labelIds.png"))[0]
     label.unlink()
     image_of_label = root / "leftImg8bit" / "train" / label.parent.name / label.name.replace(
         "_gtFine_labelIds.png", "_leftImg8bit.png")
     image_of_label.unlink()
     with pytest.raises(DataError, match="is gone from data.root"):
-        train_dataset(cfg)
+        train_set(cfg)
 
 
 def test_changed_storage_size_or_scheme_or_missing_manifest_is_refused(synth_root, tmp_path):
     cfg = config(synth_root, tmp_path / "cache")
-    prepare(cfg, ["train"], workers=1)
+    prepare(cfg.data, ["train"], workers=1)
     with pytest.raises(DataError, match=r"cache stores 32x64 \(HxW\) but the config asks for 64x128"):
-        train_dataset(config(synth_root, tmp_path / "cache", "data.cache.size=[64,128]"))
+        train_set(config(synth_root, tmp_path / "cache", "data.cache.size=[64,128]"))
     with pytest.raises(DataError, match="cache holds data.label_scheme trainid19 but the config asks for seed20"):
-        train_dataset(config(synth_root, tmp_path / "cache", "data.label_scheme=seed20"))
+        train_set(config(synth_root, tmp_path / "cache", "data.label_scheme=seed20"))
     (tmp_path / "cache" / "train" / "manifest.json").unlink()  # e.g. a prepare killed half-way
     with pytest.raises(DataError, match="no cache here"):
-        train_dataset(cfg)
+        train_set(cfg)
 
 
 def test_dataset_sent_to_workers_holds_paths_not_data(synth_root, cli_cache):
-    cached = train_dataset(config(synth_root, cli_cache))
+    cached = train_set(config(synth_root, cli_cache))
     cached[0]
     assert all(isinstance(images, np.memmap) for images, _ in cached.shards)  # pages, not copies
     # what each worker receives: the transform plus paths and offsets, nothing that grows with the data (128 KiB here)
@@ -119,8 +129,8 @@ def test_dataset_sent_to_workers_holds_paths_not_data(synth_root, cli_cache):
 
 def test_batch_augment_flips_normalizes_and_pads_like_the_cpu_path(synth_root, cli_cache):
     cfg = config(synth_root, cli_cache, "data.cache.device_augment=true")
-    raw = train_dataset(cfg)
-    reference = eval_dataset(config(synth_root, cli_cache), split="train")  # resize + normalize, no flip
+    raw = train_set(cfg)
+    reference = eval_set(config(synth_root, cli_cache), split="train")  # resize + normalize, no flip
     images, masks, indices = collate([raw[i] for i in range(16)])
     assert images.dtype == torch.uint8 and images.shape == (16, 3, 32, 64)
     out_images, out_masks = augment_batch(images, masks, indices, cfg.data, cfg.seed, epoch=0)
@@ -145,7 +155,7 @@ def test_batch_augment_flips_normalizes_and_pads_like_the_cpu_path(synth_root, c
     pad[16:], pad[:, 32:] = True, True
     assert (padded_masks[:, pad] == 255).all() and (padded_masks[:, ~pad] != 255).any(-1).all()
     assert (padded_images[:, :, pad] == 0).all() and (padded_images[:, :, ~pad] != 0).any(-1).all()
-    cpu = train_dataset(dataclasses.replace(small, data=dataclasses.replace(small.data, hflip=True)))
+    cpu = train_set(dataclasses.replace(small, data=dataclasses.replace(small.data, hflip=True)))
     cpu_image, cpu_mask, _ = cpu[0]
     assert (cpu_mask[pad] == 255).all() and (cpu_image[:, pad] == 0).all() and (cpu_mask[~pad] != 255).any()
 
@@ -164,7 +174,7 @@ def test_two_ranks_prepare_one_cache(synth_root, tmp_path):
     """Shards of 3 samples: 6 shards for 16 images, 3 written by each rank; every sample's stored content equals
     a single-process prepare's, and no sample is written twice or by the wrong rank."""
     reference_cfg = config(synth_root, tmp_path / "single")
-    prepare(reference_cfg, ["train"], workers=1)
+    prepare(reference_cfg.data, ["train"], workers=1)
     cache_dir = tmp_path / "cache"
     result = run(launch_cmd(2, "tests/data/prepare_small_shards.py", tmp_path / "written", 3, 32, 64, "--",
                             "--config", "configs/demo.yaml", f"data.root={synth_root}", "data.image_size=[32,64]",
@@ -178,7 +188,7 @@ def test_two_ranks_prepare_one_cache(synth_root, tmp_path):
     assert sum(len(slots) for slots in written.values()) == 16
     assert len({tuple(slot) for slots in written.values() for slot in slots}) == 16  # none written twice
 
-    cached, single = train_dataset(config(synth_root, cache_dir)), train_dataset(reference_cfg)
+    cached, single = train_set(config(synth_root, cache_dir)), train_set(reference_cfg)
     assert len(cached) == len(single) == 16
     for index in range(16):
         image, mask = cached.load(index)

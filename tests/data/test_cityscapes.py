@@ -72,8 +72,9 @@ def plain_resize_normalize(image_path, label_path, height: int, width: int):
 
 def test_eval_sample_is_a_plain_resize_and_normalize_whatever_the_seed_and_epoch(synth_root):
     """Validation must not be augmented: the same tensors for any seed and epoch, those of resize + normalize."""
-    datasets = [eval_dataset(load_config("configs/demo.yaml", [f"data.root={synth_root}", "data.image_size=[32,64]",
-                                                               f"seed={seed}"])) for seed in (0, 1, 2)]
+    configs = [load_config("configs/demo.yaml", [f"data.root={synth_root}", "data.image_size=[32,64]", f"seed={seed}"])
+               for seed in (0, 1, 2)]
+    datasets = [eval_dataset(cfg.data, cfg.seed) for cfg in configs]
     for index in range(len(datasets[0])):
         expected_image, expected_mask = plain_resize_normalize(*datasets[0].pairs[index], 32, 64)
         for dataset in datasets:
@@ -83,7 +84,8 @@ def test_eval_sample_is_a_plain_resize_and_normalize_whatever_the_seed_and_epoch
                 assert image.shape == (3, 32, 64) and image.dtype == torch.float32
                 assert torch.allclose(image, expected_image, atol=1e-4), (index, dataset.seed, epoch)
                 assert torch.equal(mask.long(), expected_mask.long()), (index, dataset.seed, epoch)
-    full = eval_dataset(load_config("configs/demo.yaml", [f"data.root={synth_root}"]), full_resolution=True)
+    full_cfg = load_config("configs/demo.yaml", [f"data.root={synth_root}"])
+    full = eval_dataset(full_cfg.data, full_cfg.seed, full_resolution=True)
     image, mask, _ = full[3]
     expected_image, expected_mask = plain_resize_normalize(*full.pairs[3], 64, 128)  # the labels' own size
     assert torch.allclose(image, expected_image, atol=1e-4) and torch.equal(mask.long(), expected_mask.long())
@@ -91,8 +93,8 @@ def test_eval_sample_is_a_plain_resize_and_normalize_whatever_the_seed_and_epoch
 
 def test_train_flip_moves_image_and_mask_together(synth_root):
     cfg = load_config("configs/demo.yaml", [f"data.root={synth_root}", "data.image_size=[64,128]"])
-    plain = eval_dataset(cfg, split="train")
-    augmented = train_dataset(cfg)
+    plain = eval_dataset(cfg.data, cfg.seed, split="train")
+    augmented = train_dataset(cfg.data, cfg.seed)
     flipped_any = kept_any = False
     for epoch in range(6):
         augmented.set_epoch(epoch)

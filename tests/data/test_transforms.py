@@ -55,10 +55,10 @@ def test_normalization_comes_from_the_encoders_pretrained_config():
     assert encoder_normalization(ModelConfig(encoder="tu-resnet50c"))[:2] == (list(IMAGENET_MEAN), list(IMAGENET_STD))
     assert encoder_normalization(ModelConfig(encoder="mit_b0"))[:2] == (list(IMAGENET_MEAN), list(IMAGENET_STD))
     cfg = load_config("configs/unet_mobilenetv3_512x1024_320k.yaml")
-    assert cfg.data.mean is None and resolve_normalization(cfg) is not None
+    assert cfg.data.mean is None and resolve_normalization(cfg.data, cfg.model) is not None
     assert cfg.data.mean == [0.5] * 3 and cfg.data.std == [0.5] * 3
     own = load_config(None, ["data.mean=[0.4,0.4,0.4]", "data.std=[0.2,0.2,0.2]"])
-    assert resolve_normalization(own) is None and own.data.mean == [0.4] * 3  # set by hand: kept
+    assert resolve_normalization(own.data, own.model) is None and own.data.mean == [0.4] * 3  # set by hand: kept
     image = np.full((8, 8, 3), 255, np.uint8)
     assert torch.allclose(eval_transform(cfg.data)(image=image)["image"], torch.ones(3, 8, 8))
 

@@ -45,11 +45,12 @@ def main() -> int:
     rank = accelerator.process_index
     record = {"rank": rank, "world": accelerator.num_processes, "orders": {}, "checksums": {}}
 
-    dataset = train_dataset(cfg)
+    dataset = train_dataset(cfg.data, cfg.seed)
     first_batch_size = cfg.data.batch_size
     for batch_size in (first_batch_size, first_batch_size - 1):  # the second leaves a remainder
         cfg.data.batch_size = batch_size
-        loader = train_stream(cfg, dataset, accelerator)
+        loader = train_stream(cfg.data, dataset, accelerator, seed=cfg.seed, epochs=cfg.train.epochs,
+                              preempt_signals=cfg.train.preempt_signals)
         orders = []
         for epoch in range(args.epochs):
             loader.set_epoch(epoch)
@@ -64,7 +65,8 @@ def main() -> int:
 
     cfg.data.num_workers, cfg.data.batch_size = 2, 4
     draws = {}
-    for values, worker_ids, _ in train_stream(cfg, WorkerDraws(), accelerator):
+    for values, worker_ids, _ in train_stream(cfg.data, WorkerDraws(), accelerator, seed=cfg.seed,
+                                                  epochs=cfg.train.epochs, preempt_signals=cfg.train.preempt_signals):
         for row, worker in zip(values.tolist(), worker_ids.tolist()):
             draws.setdefault(str(worker), row)
     record["worker_draws"] = draws

@@ -129,7 +129,7 @@ def test_sample_images_carry_ground_truth_and_prediction_masks(two_process_run):
         assert names["0"] == "road" and names["18"] == "bicycle" and names["255"] == "ignore"
 
     cfg = load_config(out / "config.yaml")
-    val_set = eval_dataset(cfg)
+    val_set = eval_dataset(cfg.data, cfg.seed)
     model = build_model(cfg.model, 19)
     load_weights(model, out / "model.safetensors")  # the weights of the last evaluation
     model.eval()
