@@ -6,6 +6,7 @@ import math
 from pathlib import Path
 
 import yaml
+from accelerate.utils import broadcast_object_list
 
 from cityseg.checkpoint import CheckpointError, complete_checkpoints, verify
 from cityseg.config.load import to_dict
@@ -187,3 +188,28 @@ def find_resume(output_dir: str | Path, warn=print) -> Path | None:
         except CheckpointError as err:
             warn(f"warning: skipping checkpoint: {err}")
     return None
+
+
+def resume_point(cfg, output_dir: Path, accelerator, say) -> Path | None:
+    """The checkpoint to continue from; for `auto` the main process picks and tells the others, so ranks never
+    load different ones (on a shared filesystem a fresh save may become visible to them at different times)."""
+    if cfg.train.resume == "none":
+        existing = complete_checkpoints(output_dir)
+        if existing:  # a later resume=auto would pick the old run's newest checkpoint: never mix two runs
+            raise CheckpointError(
+                f"{output_dir}: holds checkpoints of an earlier run (newest {existing[-1].name}); with "
+                "train.resume=none use a new output_dir, or train.resume=auto to continue that run")
+        return None
+    if cfg.train.resume != "auto":
+        path = Path(cfg.train.resume)
+        verify(path)
+        return path
+    chosen = [None]
+    if accelerator.is_main_process:
+        found = find_resume(output_dir, warn=say)
+        if not found:
+            say("resume: no checkpoint in output_dir, starting fresh")
+        chosen = [str(found) if found else None]
+    if accelerator.num_processes > 1:
+        broadcast_object_list(chosen)
+    return Path(chosen[0]) if chosen[0] else None

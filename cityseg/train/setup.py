@@ -1,17 +1,30 @@
-"""The training parts built in one place: model, loss, optimizer, LR schedule, data stream and EMA, prepared."""
+"""A run built in one place: accelerator, data, model, loss, optimizer, LR schedule, EMA, trackers, the resume point."""
 from __future__ import annotations
 
 import math
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
+from accelerate.utils import set_seed
 
-from cityseg.data.loaders import train_stream
-from cityseg.model.build import build_model, convert_sync_batchnorm
+from cityseg import checkpoint
+from cityseg.config.load import save_config
+from cityseg.data.loaders import eval_dataset, eval_loader, train_dataset, train_stream
+from cityseg.data.normalization import resolve_normalization
+from cityseg.distributed import run_lock
+from cityseg.distributed.runtime import make_accelerator
+from cityseg.labels import class_names
+from cityseg.model.build import build_model, convert_sync_batchnorm, unwrap_for_eval
+from cityseg.observe.console import RunConsole
+from cityseg.observe.records import METRICS_LOG, TRAIN_LOG, drop_records_after
+from cityseg.observe.trackers import Trackers, build_trackers
+from cityseg.train import resume as resume_check
 from cityseg.train.ema import attach_ema
 from cityseg.train.losses import build_loss
 from cityseg.train.optim import Schedule, build_optimizer
+from cityseg.train.preflight import check_batch_share, check_output_dir
 
 
 @dataclass
@@ -79,3 +92,103 @@ def build_training(cfg, accelerator, num_classes: int, train_set=None,
     steps_per_epoch, total_steps = run_length(cfg.train, loader)
     schedule = Schedule.for_run(cfg, accelerator.num_processes, total_steps)
     return Training(model, optimizer, loss_fn, schedule, loader, steps_per_epoch, ema)
+
+
+@dataclass
+class Run:
+    """Everything one training run holds, built once by `setup` and passed to the named steps below."""
+    cfg: object
+    accelerator: object
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    loader: object
+    val_loader: object
+    train_set: object
+    loss_fn: object
+    names: list[str]
+    output_dir: Path
+    total_steps: int
+    console: RunConsole
+    trackers: Trackers | None = None  # console, JSONL logs, W&B, TensorBoard, the step file
+    state: dict = field(default_factory=dict)
+    latest: Path | None = None  # the newest checkpoint of this run: its weights become model.safetensors
+    last_saved_step: int | None = None
+    ema: object = None  # cityseg.train.ema.WeightEMA when train.ema_decay is set: validated and exported instead
+    schedule: Schedule | None = None  # the LR of each step, global-batch factor included
+    loop: dict | None = None  # train_epoch's parts kept across epochs: device counters, stop vote, throughput
+    stop_after_epoch: bool = False  # a stop agreed on an epoch's last step: leave after its validation and save
+    # seconds of each validation, save and epoch's first batch (its wait): the GPU proof's diagnosis reads them
+    phases: dict = field(default_factory=lambda: {"validate": [], "save": [], "epoch_start": []})
+
+
+def setup(cfg, phases: dict | None = None) -> Run:
+    """Accelerator, data, model, optimizer and the step count; nothing is written before the cheap checks pass."""
+    accelerator = make_accelerator(cfg)
+    world = accelerator.num_processes
+    output_dir = Path(cfg.output_dir)
+    set_seed(cfg.seed)
+    resolve_normalization(cfg.data, cfg.model)  # data.mean / std null: the encoder's, recorded in config.yaml
+    names = class_names(cfg.data.label_scheme)
+    train_set = train_dataset(cfg.data, cfg.seed, bad_sample_log=output_dir / "skipped_samples.txt")
+    val_set = eval_dataset(cfg.data, cfg.seed)
+    check_batch_share(cfg.data.batch_size, len(train_set), world)
+    check_output_dir(output_dir, create=True)  # the cheap preflight passed: only now write into output_dir
+    run_lock.hold(output_dir, accelerator)  # before anything is written: a second run on it stops here
+
+    training = build_training(cfg, accelerator, len(names), train_set)
+    val_loader = eval_loader(cfg.data, val_set, accelerator.process_index, world,
+                             preempt_signals=cfg.train.preempt_signals)
+    total_steps = training.schedule.total_steps
+    console = RunConsole(accelerator.is_main_process, total_steps, cfg.train.log_every)
+    global_batch = cfg.data.batch_size * world * cfg.train.grad_accum
+    console.print(f"cityseg: {world} process(es) on {accelerator.device.type}, mixed precision "
+                  f"{cfg.train.mixed_precision}; global batch = {cfg.data.batch_size} per process x {world} "
+                  f"processes x {cfg.train.grad_accum} accumulation = {global_batch}"
+                  f"; {len(train_set)} train / {len(val_set)} val images; {total_steps} steps")
+    run = Run(cfg, accelerator, training.model, training.optimizer, training.loader, val_loader, train_set,
+              training.loss_fn, names, output_dir, total_steps, console, ema=training.ema, schedule=training.schedule)
+    if phases is not None:
+        run.phases = phases
+    if training.schedule.note:
+        console.print(training.schedule.note)
+    restore(run, training.steps_per_epoch)
+    run.trackers = build_trackers(cfg, accelerator, console, total_steps, resumed=run.latest is not None,
+                                  val_set=val_set)
+    return run
+
+
+def restore(run: Run, steps_per_epoch: int) -> None:
+    """The starting state: fresh, or weights/optimizer/RNG and the batch position of the chosen checkpoint."""
+    cfg, accelerator = run.cfg, run.accelerator
+    # the run shape says what a step and a batch position mean; the LR schedule needs no state: schedule.lr(step)
+    shape = {"world_size": accelerator.num_processes, "batch_size": cfg.data.batch_size,
+             "grad_accum": cfg.train.grad_accum}
+    # "epoch": the epoch (1-based) the latest step belongs to, as every record labels it; "epochs_done": position
+    run.state = {"step": 0, "epoch": 0, "epochs_done": 0, "batch_in_epoch": 0, "best_mIoU": None,
+                 "best_step": None, "nan_skipped": 0, **shape, "total_steps": run.total_steps}
+    start_from = resume_check.resume_point(cfg, run.output_dir, accelerator, run.console.print)
+    if start_from is not None:
+        changes = resume_check.verdict(cfg, start_from)  # refuses a config that trains something else
+        run.console.print(f"resume: from {start_from}")
+        for change in changes:
+            run.console.print(f"resume: allowed change {change}")
+        saved = resume_check.upgrade_trainer_state(checkpoint.read_trainer_state(start_from))
+        run.state.update(resume_check.adapt_position(saved, start_from, shape, steps_per_epoch, run.total_steps,
+                                                   run.console.print, len(run.train_set)))
+        if note := resume_check.schedule_change(saved, run.state["step"], run.schedule, cfg):
+            run.console.print(note)
+        try:  # weights, optimizer, scaler, RNG (torch.load weights_only=True)
+            accelerator.load_state(str(start_from))
+        except Exception as err:  # noqa: BLE001 - name the checkpoint instead of a deep accelerate traceback
+            checkpoint.load_weights(accelerator.unwrap_model(run.model), start_from)  # names the first mismatch
+            raise checkpoint.CheckpointError(f"{start_from}: cannot be loaded into this run's model/optimizer "
+                                             f"({type(err).__name__}: {str(err).splitlines()[0][:300]})") from None
+        if saved.get("world_size") == accelerator.num_processes:  # each rank's own BatchNorm statistics
+            checkpoint.load_rank_buffers(unwrap_for_eval(accelerator, run.model), start_from,
+                                         accelerator.process_index)
+        accelerator.step = 0  # the resumed pass opens an accumulation window (its micro-batch count was restored)
+        run.latest, run.last_saved_step = start_from, run.state["step"]
+    if accelerator.is_main_process:  # the run really starts: record its config; drop a killed attempt's records
+        save_config(cfg, run.output_dir / "config.yaml")
+        for log in (run.output_dir / TRAIN_LOG, run.output_dir / METRICS_LOG):
+            drop_records_after(log, run.state["step"])

@@ -7,8 +7,8 @@ from cityseg.bench.throughput import step_parts
 from cityseg.config.load import load_config
 from cityseg.distributed import run_lock
 from cityseg.distributed.runtime import make_accelerator
-from cityseg.train import loop as engine
 from cityseg.train.losses import OhemCELoss
+from cityseg.train.setup import setup
 from tests.helpers.runs import tiny_overrides
 
 OFF_DEFAULTS = ["optim.name=sgd", "optim.lr=0.02", "optim.momentum=0.7", "optim.nesterov=true",
@@ -41,7 +41,7 @@ def loss_description(loss_fn) -> list:
 
 def test_bench_and_proof_build_the_engines_optimizer_loss_and_schedule(synth_root, tmp_path):
     cfg = load_config("configs/demo.yaml", [*tiny_overrides(synth_root, tmp_path / "run"), *OFF_DEFAULTS])
-    run = engine.setup(cfg)
+    run = setup(cfg)
     run_lock.release(cfg.output_dir)
     optimizer = optimizer_description(run.optimizer, run.model)
     loss = loss_description(run.loss_fn)

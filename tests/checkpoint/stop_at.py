@@ -19,10 +19,12 @@ from safetensors.torch import save_file
 
 import cityseg
 
-try:  # the training loop's module: cityseg/train/loop.py, or cityseg/engine.py in a tree from before the folders
+try:  # the loop and where a run is set up (restore): cityseg/train/, or cityseg/engine.py in a tree from before
     import cityseg.train.loop as engine
+    import cityseg.train.setup as builder
 except ModuleNotFoundError:
     import cityseg.engine as engine
+    builder = engine
 
 
 def main() -> None:
@@ -32,8 +34,7 @@ def main() -> None:
 
     signal_step, signal_save, kill_save = at("CITYSEG_TEST_SIGNAL_STEP"), at("CITYSEG_TEST_SIGNAL_SAVE"), \
         at("CITYSEG_TEST_KILL_SAVE")
-    real_step, real_save, real_restore = engine.train_step, engine.checkpoint.save, \
-        engine.restore
+    real_step, real_save, real_restore = engine.train_step, engine.checkpoint.save, builder.restore
     dump = os.environ.get("CITYSEG_TEST_DUMP_RESTORED")
 
     def restore(run, *args, **kwargs):
@@ -57,7 +58,7 @@ def main() -> None:
             os.kill(os.getpid(), signal.SIGKILL)
         return sealed
 
-    engine.train_step, engine.checkpoint.save, engine.restore = train_step, save, restore
+    engine.train_step, engine.checkpoint.save, builder.restore = train_step, save, restore
     sys.argv = ["train.py", *sys.argv[1:]]
     # the train.py beside the cityseg package imported (PYTHONPATH may name an earlier tree of the code)
     runpy.run_path(str(Path(cityseg.__file__).resolve().parents[1] / "train.py"), run_name="__main__")

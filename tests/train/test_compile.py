@@ -6,8 +6,8 @@ from torch._dynamo.eval_frame import OptimizedModule
 
 from cityseg.config.load import load_config
 from cityseg.config.schema import LossConfig
-from cityseg.train import loop as engine
 from cityseg.train.losses import DiceCELoss, build_loss
+from cityseg.train.setup import setup
 from tests.helpers.runs import tiny_overrides
 
 
@@ -15,7 +15,7 @@ from tests.helpers.runs import tiny_overrides
 def test_train_compile_wraps_model_and_loss(synth_root, tmp_path, compiled):
     cfg = load_config("configs/demo.yaml", tiny_overrides(synth_root, tmp_path / "run",
                                                           train__compile=str(compiled).lower()))
-    run = engine.setup(cfg)
+    run = setup(cfg)
     assert isinstance(run.model, OptimizedModule) is compiled
     assert isinstance(run.loss_fn, OptimizedModule) is compiled
     loss = run.loss_fn._orig_mod if compiled else run.loss_fn
