@@ -65,8 +65,8 @@ class StopVote:
         flag, work = pending
         try:
             work.wait(self.timeout)
-        except RuntimeError as err:
-            raise RuntimeError(f"stop vote: waited {self.timeout.total_seconds() / 60:g} min (dist.timeout_minutes) "
+        except RuntimeError as err:  # a DistError: the command reports it as the collective failure it is
+            raise dist.DistError(f"stop vote: waited {self.timeout.total_seconds() / 60:g} min (dist.timeout_minutes) "
                                f"for the other ranks' answer to {what}; a rank is stuck or gone "
                                f"({str(err).splitlines()[0][:200]})") from None
         return flag
