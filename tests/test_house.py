@@ -54,7 +54,9 @@ def arrows() -> dict[str, set[str]]:
             if isinstance(node, ast.Import):
                 targets = [alias.name for alias in node.names]
             elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-                targets = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+                # `from cityseg import checkpoint` names the module, not the package's __init__
+                package = [node.module] if node.module != "cityseg" else []
+                targets = package + [f"{node.module}.{alias.name}" for alias in node.names]
             for target in targets:
                 imported = module_room(target, known)
                 if imported and imported != room:
