@@ -11,7 +11,7 @@ import runpy
 import sys
 from pathlib import Path
 
-import cityseg.train.loop
+import cityseg.train.setup
 from cityseg.data.cityscapes import CityscapesPairs
 
 RECORD_ENV = "CITYSEG_RECORD_SAMPLES"
@@ -21,7 +21,7 @@ def main() -> None:
     out = Path(os.environ[RECORD_ENV])
     out.mkdir(parents=True, exist_ok=True)
     log = open(out / f"rank{os.environ.get('RANK', '0')}.txt", "a")  # noqa: SIM115 - open for the whole run
-    real_dataset, real_getitem = cityseg.train.loop.train_dataset, CityscapesPairs.__getitem__
+    real_dataset, real_getitem = cityseg.train.setup.train_dataset, CityscapesPairs.__getitem__
 
     def train_dataset(*args, **kwargs):
         dataset = real_dataset(*args, **kwargs)
@@ -35,7 +35,7 @@ def main() -> None:
             log.flush()
         return real_getitem(self, key)
 
-    cityseg.train.loop.train_dataset, CityscapesPairs.__getitem__ = train_dataset, getitem
+    cityseg.train.setup.train_dataset, CityscapesPairs.__getitem__ = train_dataset, getitem
     sys.argv = ["train.py", *sys.argv[1:]]
     runpy.run_path(str(Path(__file__).resolve().parents[2] / "train.py"), run_name="__main__")
 

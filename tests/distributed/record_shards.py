@@ -1,6 +1,6 @@
 """Test helper run under torchrun / accelerate launch (or python): what each rank's training loader yields, as JSON.
 
-It builds the loader exactly as cityseg.train.loop.train does (make_accelerator, set_seed, train_stream, set_epoch) and writes <out>/rank<R>.json with, per batch size and epoch, the sample indices in the order this rank
+It builds the loader exactly as cityseg.train.setup.setup does (make_accelerator, set_seed, train_stream, set_epoch) and writes <out>/rank<R>.json with, per batch size and epoch, the sample indices in the order this rank
 saw them and a checksum of each augmented image; plus one random draw per loader worker (per-rank worker seeding).
 """
 from __future__ import annotations
