@@ -37,13 +37,18 @@ def cached_dataset(data_cfg, seed: int, split: str, pairs, transform, raw: bool 
     return CachedPairs(split_dir, manifest, transform, seed=seed, raw=raw)
 
 
-def train_dataset(data_cfg, seed: int, bad_sample_log: Path | None = None) -> CityscapesPairs:
+def check_cache_options(data_cfg) -> None:
+    """data.cache.* settings that cannot work together (training and `cityseg check` both ask)."""
     if data_cfg.cache.device_augment and not data_cfg.cache.dir:
         raise ConfigError("data.cache.device_augment: needs data.cache.dir (samples decoded from PNG are "
                           "augmented on the CPU)")
     if data_cfg.cache.device_augment and data_cfg.cat_max_ratio < 1.0:
         raise ConfigError("data.cat_max_ratio: not applied by data.cache.device_augment (its crops are drawn "
                           "without the labels); set data.cat_max_ratio=1.0 or data.cache.device_augment=false")
+
+
+def train_dataset(data_cfg, seed: int, bad_sample_log: Path | None = None) -> CityscapesPairs:
+    check_cache_options(data_cfg)
     pairs = find_pairs(data_cfg.root, data_cfg.train_split)
     if data_cfg.cache.dir:
         return cached_dataset(data_cfg, seed, data_cfg.train_split, pairs, train_transform(data_cfg),

@@ -6,7 +6,7 @@ import cv2
 import numpy as np
 from albumentations.pytorch import ToTensorV2
 
-from cityseg.config.schema import IMAGENET_MEAN, IMAGENET_STD
+from cityseg.config.schema import IMAGENET_MEAN, IMAGENET_STD, ConfigError
 from cityseg.data.photometric import distort_uint8, draw_params
 from cityseg.labels import IGNORE_INDEX
 
@@ -27,18 +27,58 @@ def train_transform(data_cfg) -> A.Compose:
     low, high = data_cfg.scale_range
     if (low, high) != (1.0, 1.0):
         steps.append(A.RandomScale(scale_limit=(low - 1.0, high - 1.0), p=1.0))
-    if data_cfg.crop_size is not None:
-        steps.append(CatMaxRatioCrop(*data_cfg.crop_size, cat_max_ratio=getattr(data_cfg, "cat_max_ratio", 1.0)))
+    crop = train_crop(data_cfg)
+    if crop is not None:
+        steps.append(CatMaxRatioCrop(*crop, cat_max_ratio=getattr(data_cfg, "cat_max_ratio", 1.0)))
     if data_cfg.hflip:
         steps.append(A.HorizontalFlip(p=0.5))
     if getattr(data_cfg, "photometric", False):
         steps.append(PhotometricDistortion())
     mean, std = normalization(data_cfg)
     steps.append(A.Normalize(mean=mean, std=std))
-    if data_cfg.crop_size is not None:
-        steps.append(A.PadIfNeeded(*data_cfg.crop_size, position="top_left", border_mode=cv2.BORDER_CONSTANT,
+    if crop is not None:
+        steps.append(A.PadIfNeeded(*crop, position="top_left", border_mode=cv2.BORDER_CONSTANT,
                                    fill=0, fill_mask=IGNORE_INDEX))
     return A.Compose([*steps, ToTensorV2()])
+
+
+def train_crop(data_cfg) -> list[int] | None:
+    """The [H, W] window samples are cropped (and padded) to: data.crop_size; where it is null, data.image_size
+    when a random scale would otherwise give every sample a size of its own (no batch could be stacked), as
+    data.cache.device_augment does; None where every sample is data.image_size already."""
+    if data_cfg.crop_size is not None:
+        return list(data_cfg.crop_size)
+    return None if tuple(data_cfg.scale_range) == (1.0, 1.0) else list(data_cfg.image_size)
+
+
+def train_shape(data_cfg) -> list[int]:
+    """[H, W] of every training sample the network sees (both augmentation paths)."""
+    return list(data_cfg.crop_size or data_cfg.image_size)
+
+
+def padding_note(data_cfg) -> str | None:
+    """One line where data.crop_size is larger than data.image_size: every crop is mostly padding, computed on."""
+    crop, (height, width) = data_cfg.crop_size, data_cfg.image_size
+    if crop is None or (crop[0] <= height and crop[1] <= width):
+        return None
+    factor = crop[0] * crop[1] / (min(crop[0], height) * min(crop[1], width))
+    return (f"note: data.crop_size {crop[0]}x{crop[1]} is larger than data.image_size {height}x{width}: every "
+            f"sample is padded to {crop[0]}x{crop[1]}, {factor:.1f}x its pixels at scale 1 (data.scale_range "
+            f"{list(data_cfg.scale_range)}), and the network computes on the padding; a crop of at most "
+            f"data.image_size avoids it")
+
+
+def check_divisible(data_cfg, multiple: int, model_name: str) -> None:
+    """Training samples' height and width must be multiples of what the model downsamples by (smp refuses others
+    at the first forward)."""
+    shape = train_shape(data_cfg)
+    if shape[0] % multiple == 0 and shape[1] % multiple == 0:
+        return
+    key = "data.crop_size" if data_cfg.crop_size else "data.image_size"
+    fit = [max(multiple, round(side / multiple) * multiple) for side in shape]
+    raise ConfigError(f"{key}: training samples of {shape[0]}x{shape[1]} are not divisible by {multiple}, which "
+                      f"{model_name} needs (its encoder downsamples {multiple}x); e.g. {key}=[{fit[0]},{fit[1]}]",
+                      key)
 
 
 def eval_transform(data_cfg, size: list[int] | None = None) -> A.Compose:

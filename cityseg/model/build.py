@@ -48,6 +48,14 @@ def build_model(model_cfg, num_classes: int) -> torch.nn.Module:
     return WithAuxHead(model, num_classes) if model_cfg.aux_head else model
 
 
+def input_multiple(model: torch.nn.Module) -> int:
+    """What a training input's height and width must be divisible by: the encoder's output stride (smp checks it
+    at every forward), 1 for an architecture that takes any size."""
+    if not getattr(model, "requires_divisible_input_shape", True):
+        return 1
+    return int(getattr(getattr(model, "encoder", None), "output_stride", 1))
+
+
 def load_encoder_weights(model: torch.nn.Module, path: Path) -> None:
     if not path.is_file():
         raise ModelError(f"model.encoder_weights: file {path} not found")

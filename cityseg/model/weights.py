@@ -59,20 +59,61 @@ def missing_files(model_cfg, cache: str | Path | None = None) -> list[HubFile]:
                                                      revision=file.revision), str)]
 
 
+def weights_on_disk(model_cfg) -> bool:
+    """The encoder can be built with model.encoder_weights from this machine's disk alone: none needed, a local
+    file, or every hub file cached."""
+    try:
+        return not missing_files(model_cfg)
+    except WeightsError:
+        return False
+
+
+def hub_offline_reason() -> str | None:
+    """Why the Hugging Face Hub cannot be used from this process (None: it can), found out once: HF_HUB_OFFLINE, else
+    one HEAD request to the hub's own address (no retries, a short timeout). Offline, huggingface_hub is then put in
+    offline mode, here and in the processes this one starts, so loading cached weights asks the hub nothing (it
+    would retry each file for ~25 s)."""
+    if "reason" not in _HUB:
+        from huggingface_hub import constants
+        from huggingface_hub.utils import get_session
+
+        if constants.HF_HUB_OFFLINE:
+            _HUB["reason"] = "HF_HUB_OFFLINE is set"
+        else:
+            try:
+                get_session().head(constants.ENDPOINT, timeout=PROBE_TIMEOUT_S)
+                _HUB["reason"] = None
+            except Exception as err:  # noqa: BLE001 - DNS, refused, timeout, proxy: all mean "cannot be reached"
+                _HUB["reason"] = f"no connection to {constants.ENDPOINT}: {type(err).__name__}"
+                constants.HF_HUB_OFFLINE = True
+                os.environ["HF_HUB_OFFLINE"] = "1"
+    return _HUB["reason"]
+
+
+_HUB: dict = {}  # this process's one answer of hub_offline_reason
+
+
 def describe(model_cfg) -> tuple[bool, str]:
-    """(ok, detail) for `cityseg check`: are the pretrained weights in the local cache?"""
+    """(ok, detail) for `cityseg check` and training's start: are the pretrained weights in the local cache, and if
+    not, can they be downloaded from here? Asks the hub at most one short question (hub_offline_reason)."""
     try:
         files = hub_files(model_cfg)
     except WeightsError as err:
         return False, str(err)
     if not files:
         return True, "none needed (model.encoder_weights is null or a local file)"
+    offline = hub_offline_reason()
     missing = missing_files(model_cfg)
     where = cache_dir()
     if not missing:
         return True, f"{files[0].repo_id} in the Hugging Face cache {where}"
-    return False, (f"{missing[0].repo_id}/{missing[0].filename} is not in the Hugging Face cache {where}: run "
-                   "`cityseg weights fetch --config <config>` on a machine with internet (a login node)")
+    names = f"{missing[0].repo_id}/{missing[0].filename}" + (f" (+{len(missing) - 1} more)" if len(missing) > 1 else "")
+    if offline is None:
+        return True, (f"{names} not in the Hugging Face cache {where}: downloaded from the hub when training starts "
+                      "(or now: `cityseg weights fetch --config <config>`)")
+    return False, (f"model.encoder_weights: {names} is not in the Hugging Face cache {where} and this machine is "
+                   f"offline ({offline}): on a login node run `cityseg weights fetch --config <config>` (same "
+                   "HF_HUB_CACHE or --cache-dir on shared disk), then train here with HF_HUB_OFFLINE=1")
 
 
 def fetch(model_cfg, cache: str | Path | None = None) -> list[Path]:

@@ -6,16 +6,23 @@ import os
 import shutil
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from cityseg import checkpoint
 from cityseg.config.schema import ConfigError
+from cityseg.data.cache import check_manifest, storage_size
 from cityseg.data.cityscapes import DataError, find_pairs, read_pair
+from cityseg.data.layout import header_errors
+from cityseg.data.loaders import check_cache_options
+from cityseg.data.transforms import check_divisible, padding_note, train_shape
 from cityseg.distributed.runtime import check_mixed_precision
 from cityseg.labels import class_names, label_lut
-from cityseg.model.build import ModelError, build_model
+from cityseg.model.build import ModelError, build_model, input_multiple
+from cityseg.model.weights import describe as describe_weights
+from cityseg.model.weights import weights_on_disk
 from cityseg.train import resume as resume_check
 
 DIST_ENV = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
@@ -55,6 +62,33 @@ def check_output_dir(output_dir: str | Path, create: bool) -> None:
         blocker = _existing_ancestor(output_dir)
         why = f"{blocker} is not a directory" if not blocker.is_dir() else err.strerror
         raise ConfigError(f"output_dir {output_dir}: not writable: {why}") from None
+
+
+def check_data_files(data_cfg, warn) -> None:
+    """The cheap part of `cityseg check` that training runs before it builds anything: both splits' image/label
+    pairs and their PNG headers (~1 s for 7,000 files), so a missing, truncated or mismatched file is named now,
+    not at its batch. With data.on_bad_sample=skip, training's bad files are a warning (they will be skipped)."""
+    for split in dict.fromkeys((data_cfg.train_split, data_cfg.val_split)):
+        errors = header_errors(find_pairs(data_cfg.root, split))
+        if not errors:
+            continue
+        more = f" (and {len(errors) - 1} more bad pair(s); `cityseg check` counts them)" if len(errors) > 1 else ""
+        if split != data_cfg.train_split or data_cfg.on_bad_sample == "error":  # evaluation never skips
+            raise DataError(errors[0] + more)
+        warn(f"warning: {len(errors)} bad pair(s) in split {split} will be skipped (data.on_bad_sample=skip); "
+             f"first: {errors[0]}")
+
+
+def check_weights(model_cfg) -> None:
+    """Pretrained weights that are neither cached nor downloadable stop the start in one line (in seconds, where
+    huggingface_hub alone retries for a minute)."""
+    ok, detail = describe_weights(model_cfg)
+    if not ok:
+        raise ModelError(detail)
+
+
+def check_train_shape(data_cfg, model: torch.nn.Module, model_cfg) -> None:
+    check_divisible(data_cfg, input_multiple(model), f"{model_cfg.arch} / {model_cfg.encoder}")
 
 
 # --- what `cityseg check` reports ------------------------------------------------------------------------------
@@ -134,19 +168,30 @@ def run_checks(cfg, deep: bool = False, world_size: int | None = None, cuda: boo
 
     _data_checks(checks, cfg, deep, world)
 
-    def pretrained():  # before the model: building it offline without them fails with a less direct message
-        from cityseg.model.weights import describe
-
-        ok, detail = describe(cfg.model)
+    def pretrained():  # before the model: offline, building it with missing weights would retry for a minute
+        ok, detail = describe_weights(cfg.model)
         return ok, detail, None
     _guard(checks, "pretrained weights", pretrained)
 
-    def model():
-        built = build_model(cfg.model, len(class_names(cfg.data.label_scheme)))
+    def model():  # without the weights on disk: the architecture alone (check downloads nothing)
+        weights = cfg.model.encoder_weights if weights_on_disk(cfg.model) else None
+        built = build_model(replace(cfg.model, encoder_weights=weights), len(class_names(cfg.data.label_scheme)))
         params = sum(p.numel() for p in built.parameters())
-        weights = cfg.model.encoder_weights or "random init"
-        return True, f"{cfg.model.arch} / {cfg.model.encoder}, {params / 1e6:.1f} M parameters, encoder {weights}", built
+        encoder = weights or ("random init" if cfg.model.encoder_weights is None else "random init here (weights: above)")
+        return True, f"{cfg.model.arch} / {cfg.model.encoder}, {params / 1e6:.1f} M parameters, encoder {encoder}", built
     built = _guard(checks, "model", model)
+
+    def shapes():
+        crop = train_shape(cfg.data)
+        detail = f"training samples {crop[0]}x{crop[1]}"
+        if built is not None:
+            check_train_shape(cfg.data, built, cfg.model)
+            multiple = input_multiple(built)
+            detail += (f", divisible by {multiple} as {cfg.model.arch} / {cfg.model.encoder} needs" if multiple > 1
+                       else f" (any size suits {cfg.model.arch} / {cfg.model.encoder})")
+        note = padding_note(cfg.data)
+        return True, detail + (f"; {note}" if note else ""), None
+    _guard(checks, "shapes", shapes)
 
     def output():
         check_output_dir(cfg.output_dir, create=False)
@@ -169,23 +214,44 @@ def run_checks(cfg, deep: bool = False, world_size: int | None = None, cuda: boo
 
 
 def _data_checks(checks: list[Check], cfg, deep: bool, world: int) -> None:
-    """Both splits' layout (decoded when deep) and the batch share of each process."""
+    """Both splits' layout and PNG headers (decoded when deep), the batch share of each process, the cache."""
     lut = label_lut(cfg.data.label_scheme)
+    found = {}
     for split in (cfg.data.train_split, cfg.data.val_split):
         def layout(split=split):
             pairs = find_pairs(cfg.data.root, split)
-            if not deep:
-                return True, f"{len(pairs)} image/label pairs in {cfg.data.root}", pairs
-            count, errors = deep_scan(pairs, lut, workers=os.cpu_count() or 1)
+            count, errors = deep_scan(pairs, lut, workers=os.cpu_count() or 1) if deep else (
+                len(pairs), header_errors(pairs))
             if errors:
                 return False, f"{len(errors)} of {count} pairs unreadable; first: {errors[0]}", pairs
-            return True, f"{count} pairs decoded: sizes match, label ids known", pairs
-        pairs = _guard(checks, f"data {split}", layout)
+            if deep:
+                return True, f"{count} pairs decoded: sizes match, label ids known", pairs
+            return True, f"{count} image/label pairs in {cfg.data.root}; PNG headers read: sizes match", pairs
+        found[split] = pairs = _guard(checks, f"data {split}", layout)
         if split == cfg.data.train_split and pairs is not None:
             def share(pairs=pairs):
                 check_batch_share(cfg.data.batch_size, len(pairs), world)
                 return True, f"{cfg.data.batch_size} per process <= {len(pairs) // world} samples per process", None
             _guard(checks, "batch size", share)
+    _guard(checks, "data cache", lambda: cache_plan(cfg.data, found))
+
+
+def cache_plan(data_cfg, pairs: dict) -> tuple[bool, str, None]:
+    """Where training reads its samples: the PNG files, or data.cache.dir, which must hold the training split as
+    built from these very files at this size (the val split is read from it where prepared, else from the files)."""
+    check_cache_options(data_cfg)
+    if not data_cfg.cache.dir:
+        return True, "none (data.cache.dir null): samples decoded from the PNG files", None
+    root = Path(data_cfg.cache.dir)
+    if not root.is_dir():
+        raise DataError(f"data.cache.dir {root}: directory not found; run `cityseg prepare --config <config>` first "
+                        "(with the same data.* settings)")
+    served = list(dict.fromkeys(split for split in (data_cfg.train_split, data_cfg.val_split)
+                                if split == data_cfg.train_split or (root / split).is_dir()))
+    for split in served:
+        if pairs.get(split) is not None:
+            check_manifest(root / split, data_cfg.root, pairs[split], storage_size(data_cfg), data_cfg.label_scheme)
+    return True, f"{root}: {' and '.join(served)} prepared from these files at {storage_size(data_cfg)}", None
 
 
 def resume_plan(cfg) -> tuple[bool, str, None]:

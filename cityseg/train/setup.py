@@ -13,6 +13,7 @@ from cityseg import checkpoint
 from cityseg.config.load import save_config
 from cityseg.data.loaders import eval_dataset, eval_loader, train_dataset, train_stream
 from cityseg.data.normalization import resolve_normalization
+from cityseg.data.transforms import padding_note
 from cityseg.distributed import run_lock
 from cityseg.distributed.runtime import make_accelerator
 from cityseg.labels import class_names
@@ -24,7 +25,13 @@ from cityseg.train import resume as resume_check
 from cityseg.train.ema import attach_ema
 from cityseg.train.losses import build_loss
 from cityseg.train.optim import Schedule, build_optimizer
-from cityseg.train.preflight import check_batch_share, check_output_dir
+from cityseg.train.preflight import (
+    check_batch_share,
+    check_data_files,
+    check_output_dir,
+    check_train_shape,
+    check_weights,
+)
 
 
 @dataclass
@@ -77,6 +84,7 @@ def build_training(cfg, accelerator, num_classes: int, train_set=None,
     train_set None: no loader, the caller feeds its own batches (the benchmarks' synthetic ones). compile_options:
     torch.compile's arguments under train.compile (the GPU proof's modes and backends); None: its defaults."""
     model = prepare_model(cfg.model, cfg.train, accelerator, num_classes)
+    check_train_shape(cfg.data, model, cfg.model)  # smp would refuse the first batch with a traceback
     optimizer = build_optimizer(model, cfg.optim)
     model, optimizer = accelerator.prepare(model, optimizer)
     # one iterator for the run: prefetches across epoch ends
@@ -129,9 +137,11 @@ def setup(cfg, phases: dict | None = None) -> Run:
     set_seed(cfg.seed)
     resolve_normalization(cfg.data, cfg.model)  # data.mean / std null: the encoder's, recorded in config.yaml
     names = class_names(cfg.data.label_scheme)
+    check_data_files(cfg.data, warn=lambda line: accelerator.is_main_process and print(line, file=sys.stderr))
     train_set = train_dataset(cfg.data, cfg.seed, bad_sample_log=output_dir / "skipped_samples.txt")
     val_set = eval_dataset(cfg.data, cfg.seed)
     check_batch_share(cfg.data.batch_size, len(train_set), world)
+    check_weights(cfg.model)  # missing and offline: one line now, not a minute of hub retries
     check_output_dir(output_dir, create=True)  # the cheap preflight passed: only now write into output_dir
     run_lock.hold(output_dir, accelerator)  # before anything is written: a second run on it stops here
 
@@ -147,6 +157,8 @@ def setup(cfg, phases: dict | None = None) -> Run:
                   f"; {len(train_set)} train / {len(val_set)} val images; {total_steps} steps")
     run = Run(cfg, accelerator, training.model, training.optimizer, training.loader, val_loader, train_set,
               training.loss_fn, names, output_dir, total_steps, console, ema=training.ema, schedule=training.schedule)
+    if note := padding_note(cfg.data):
+        console.print(note)
     if phases is not None:
         run.phases = phases
     if training.schedule.note:

@@ -12,8 +12,8 @@ from cityseg.data.cityscapes import find_pairs
 from cityseg.train.preflight import run_checks
 from tests.helpers.runs import tiny_overrides
 
-LABELS = ["config", "processes", "data train", "batch size", "data val", "pretrained weights", "model", "output_dir",
-          "resume", "W&B", "environment"]
+LABELS = ["config", "processes", "data train", "batch size", "data val", "data cache", "pretrained weights", "model",
+          "shapes", "output_dir", "resume", "W&B", "environment"]
 
 
 @pytest.fixture(autouse=True)
@@ -34,7 +34,10 @@ def test_a_good_setup_passes_every_check(synth_root, tmp_path, capsys, monkeypat
     code, lines = check(capsys, *tiny_overrides(synth_root, tmp_path / "run"), "tracking.wandb.mode=auto")
     assert code == 0, lines
     assert list(lines) == LABELS and all(line.startswith("✓ ") for line in lines.values()), lines
-    assert lines["data train"] == f"✓ data train: 16 image/label pairs in {synth_root}"
+    assert lines["data train"] == f"✓ data train: 16 image/label pairs in {synth_root}; PNG headers read: sizes match"
+    assert lines["data cache"] == "✓ data cache: none (data.cache.dir null): samples decoded from the PNG files"
+    assert lines["shapes"] == ("✓ shapes: training samples 64x128 (any size suits Unet / "
+                               "tu-tf_mobilenetv3_small_minimal_100)")
     assert lines["processes"] == "✓ processes: 1 process(es); CPU (gloo between processes); mixed precision no"
     assert "GiB free, checkpoints need about" in lines["output_dir"]
     assert lines["pretrained weights"] == "✓ pretrained weights: none needed (model.encoder_weights is null or a local file)"
@@ -53,17 +56,26 @@ def test_the_python_api_for_submit(synth_root, tmp_path):
                                      "(16 samples / 4 processes = 4)")]
 
 
-def test_deep_decodes_every_file(synth_root, tmp_path, capsys):
+def test_png_headers_are_read_and_deep_decodes_every_file(synth_root, tmp_path, capsys):
     root = tmp_path / "cs"
     shutil.copytree(synth_root, root)
-    _, label = find_pairs(root, "train")[2]
-    label.write_bytes(np.random.default_rng(0).bytes(3000))
+    pairs = find_pairs(root, "train")
+    pairs[2][1].write_bytes(np.random.default_rng(0).bytes(3000))  # not a PNG: its header says so
     overrides = tiny_overrides(root, tmp_path / "run")
     code, lines = check(capsys, *overrides)
-    assert code == 0 and lines["data train"].startswith("✓")  # the layout is fine; only decoding finds it
+    assert code == 1
+    assert lines["data train"] == (f"✗ data train: 1 of 16 pairs unreadable; first: {pairs[2][1]}: cannot decode label "
+                                   "(not a PNG file: no PNG signature and IHDR header)")
+    shutil.copy(synth_root / pairs[2][1].relative_to(root), pairs[2][1])
+    image = pairs[5][0]
+    data = bytearray(image.read_bytes())
+    data[60:120] = bytes(60)  # pixel data broken, header and end intact: only decoding finds it
+    image.write_bytes(bytes(data))
+    code, lines = check(capsys, *overrides)
+    assert code == 0 and lines["data train"].startswith("✓")
     code, lines = check(capsys, "--deep", *overrides)
     assert code == 1
-    assert lines["data train"] == (f"✗ data train: 1 of 16 pairs unreadable; first: {label}: cannot decode label "
+    assert lines["data train"] == (f"✗ data train: 1 of 16 pairs unreadable; first: {image}: cannot decode image "
                                    "(corrupt, truncated or not an image)")
     assert lines["data val"] == "✓ data val: 7 pairs decoded: sizes match, label ids known"
 
