@@ -3,6 +3,7 @@ with --sweep, one SLURM job array whose task N trains combination N of the swept
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import re
 import shlex
@@ -67,13 +68,18 @@ def script_gpus_per_node() -> int:
 
 
 def preflight(config: str, overrides: list[str], world_size: int, gpu: bool) -> None:
-    """Run `python -m cityseg check` for the job's world size and devices; exit with its message when it fails."""
-    cmd = [sys.executable, "-m", "cityseg", "check", "--config", config, "--world-size", str(world_size),
-           *(["--gpu"] if gpu else []), *overrides]
-    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
-    if result.returncode != 0:
-        sys.stderr.write(result.stdout + result.stderr)
-        sys.exit(f"error: preflight `{shlex.join(cmd[1:])}` failed (exit {result.returncode}); nothing submitted")
+    """`cityseg check` for the job's world size and devices, in this process: a sweep imports torch once and asks
+    the model hub at most once (offline, every later check reads the local cache only). Exits with the check's
+    lines when one fails."""
+    from cityseg.train.preflight import format_checks, run_checks
+
+    with contextlib.chdir(REPO):  # the job runs there: relative data.root, output_dir, cache are the job's
+        checks = run_checks(load_config(config, overrides), world_size=world_size, cuda=True if gpu else None)
+    if not all(ok for ok, _, _ in checks):
+        sys.stderr.write(format_checks(checks) + "\n")
+        command = shlex.join(["cityseg", "check", "--config", config, "--world-size", str(world_size),
+                              *(["--gpu"] if gpu else []), *overrides])
+        sys.exit(f"error: preflight `{command}` failed; nothing submitted")
 
 
 def split_values(text: str) -> list[str]:

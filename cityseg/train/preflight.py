@@ -251,7 +251,8 @@ def cache_plan(data_cfg, pairs: dict) -> tuple[bool, str, None]:
     for split in served:
         if pairs.get(split) is not None:
             check_manifest(root / split, data_cfg.root, pairs[split], storage_size(data_cfg), data_cfg.label_scheme)
-    return True, f"{root}: {' and '.join(served)} prepared from these files at {storage_size(data_cfg)}", None
+    height, width = storage_size(data_cfg)
+    return True, f"{root}: {' and '.join(served)} prepared from these files at {height}x{width}", None
 
 
 def resume_plan(cfg) -> tuple[bool, str, None]:

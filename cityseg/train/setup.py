@@ -138,6 +138,8 @@ def setup(cfg, phases: dict | None = None) -> Run:
     resolve_normalization(cfg.data, cfg.model)  # data.mean / std null: the encoder's, recorded in config.yaml
     names = class_names(cfg.data.label_scheme)
     check_data_files(cfg.data, warn=lambda line: accelerator.is_main_process and print(line, file=sys.stderr))
+    if (note := padding_note(cfg.data)) and accelerator.is_main_process:
+        print(note, flush=True)  # at start: a step on mostly padding is far slower than the image size suggests
     train_set = train_dataset(cfg.data, cfg.seed, bad_sample_log=output_dir / "skipped_samples.txt")
     val_set = eval_dataset(cfg.data, cfg.seed)
     check_batch_share(cfg.data.batch_size, len(train_set), world)
@@ -157,8 +159,6 @@ def setup(cfg, phases: dict | None = None) -> Run:
                   f"; {len(train_set)} train / {len(val_set)} val images; {total_steps} steps")
     run = Run(cfg, accelerator, training.model, training.optimizer, training.loader, val_loader, train_set,
               training.loss_fn, names, output_dir, total_steps, console, ema=training.ema, schedule=training.schedule)
-    if note := padding_note(cfg.data):
-        console.print(note)
     if phases is not None:
         run.phases = phases
     if training.schedule.note:

@@ -7,6 +7,8 @@ import torch
 from cityseg.config.load import load_config
 from cityseg.config.schema import IMAGENET_MEAN, IMAGENET_STD, DataConfig, ModelConfig
 from cityseg.data.normalization import encoder_normalization, resolve_normalization
+from cityseg.data.cityscapes import collate
+from cityseg.data.loaders import train_dataset
 from cityseg.data.transforms import CatMaxRatioCrop, eval_transform, train_transform
 
 
@@ -47,6 +49,18 @@ def test_pad_after_normalization_at_bottom_right_with_ignore():
         assert torch.all(image[:, :24, :40] == 1.0) and torch.all(mask[:24, :40] == 3)  # (1 - 0.5) / 0.5
         assert torch.all(image[:, 24:] == 0) and torch.all(image[:, :, 40:] == 0)
         assert torch.all(mask[24:] == 255) and torch.all(mask[:, 40:] == 255)
+
+
+def test_crop_size_null_with_a_random_scale_stacks_into_a_batch(synth_root):
+    """data.crop_size null: a random scale would give every sample its own size (no batch could be stacked, and
+    most models need multiples of 32): the samples are cropped / padded back to data.image_size, as the device
+    augmentation does, and a scale of 1 leaves the pipeline as it was (no crop)."""
+    cfg = DataConfig(root=str(synth_root), image_size=[64, 128], scale_range=[0.5, 2.0], crop_size=None,
+                     num_workers=0)
+    dataset = train_dataset(cfg, seed=0)
+    images, masks, _ = collate([dataset[index] for index in range(8)])
+    assert images.shape == (8, 3, 64, 128) and masks.shape == (8, 64, 128)
+    assert not any(isinstance(step, CatMaxRatioCrop) for step in train_transform(DataConfig(crop_size=None)))
 
 
 def test_normalization_comes_from_the_encoders_pretrained_config():

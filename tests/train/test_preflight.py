@@ -47,6 +47,14 @@ def test_a_good_setup_passes_every_check(synth_root, tmp_path, capsys, monkeypat
     assert not (tmp_path / "run").exists()  # a check writes nothing
 
 
+def test_a_prepared_cache_passes(synth_root, tmp_path, capsys):
+    overrides = [*tiny_overrides(synth_root, tmp_path / "run"), f"data.cache.dir={tmp_path / 'cache'}"]
+    assert cityseg_main(["prepare", "--config", "configs/demo.yaml", *overrides, "--splits", "train"]) == 0
+    code, lines = check(capsys, *overrides)
+    assert code == 0, lines
+    assert lines["data cache"] == f"✓ data cache: {tmp_path / 'cache'}: train prepared from these files at 64x128"
+
+
 def test_the_python_api_for_submit(synth_root, tmp_path):
     cfg = load_config("configs/demo.yaml", tiny_overrides(synth_root, tmp_path / "run", data__batch_size=8))
     checks = run_checks(cfg, world_size=4)
@@ -98,6 +106,10 @@ def partial_checkpoint(tmp_path):
     ("output_dir", "output_dir", "is not a directory"),
     ("resume", "resume", "model.safetensors: corrupt"),
     ("wandb_online", "W&B", "online (no API key (WANDB_API_KEY or ~/.netrc))"),
+    ("no_cache", "data cache", "cache: directory not found; run `cityseg prepare --config <config>` first"),
+    ("stale_cache", "data cache", "cache holds data.label_scheme trainid19 but the config asks for seed20"),
+    ("indivisible", "shapes", "data.crop_size: training samples of 64x100 are not divisible by 32, which Segformer / "
+                              "mit_b0 needs"),
 ])
 def test_each_broken_setup_fails_its_line(synth_root, tmp_path, capsys, breakage, label, message):
     root, out = synth_root, tmp_path / "run"
@@ -117,6 +129,14 @@ def test_each_broken_setup_fails_its_line(synth_root, tmp_path, capsys, breakage
         extra = [f"train.resume={partial_checkpoint(tmp_path)}"]
     elif breakage == "wandb_online":
         extra = ["tracking.wandb.mode=online"]
+    elif breakage == "no_cache":
+        extra = [f"data.cache.dir={tmp_path / 'cache'}"]
+    elif breakage == "stale_cache":  # prepared for another label scheme
+        assert cityseg_main(["prepare", "--config", "configs/demo.yaml", *tiny_overrides(root, out),
+                             f"data.cache.dir={tmp_path / 'cache'}", "--splits", "train"]) == 0
+        extra = [f"data.cache.dir={tmp_path / 'cache'}", "data.label_scheme=seed20"]
+    elif breakage == "indivisible":
+        extra = ["model.arch=Segformer", "model.encoder=mit_b0", "data.crop_size=[64,100]"]
     code, lines = check(capsys, *tiny_overrides(root, out), *extra)
     if breakage == "sync_bn":  # a warning, not a failure
         assert code == 0 and "warning: model.sync_bn needs more than one CUDA device" in lines["processes"]
