@@ -133,3 +133,66 @@ def test_fetch_fails_in_seconds_when_the_hub_cannot_be_reached(tmp_path):
         "error: cannot fetch smp-hub/mit_b0.imagenet/config.json from the Hugging Face Hub (ConnectError: the hub "
         "cannot be reached or refused); run this on a machine with internet (e.g. a login node)"], result.stderr
     assert asked - imports < 5.0, f"failed after {asked:.1f} s, {asked - imports:.1f} s more than its start-up"
+
+
+RECIPE = "configs/segformer_b0_1024x1024_160k.yaml"  # imagenet weights of mit_b0, not in the (empty) cache
+
+
+def weights_line(lines: list[str]) -> str:
+    """The check's pretrained-weights line, in the form this machine's network gives: offline (no hub reachable,
+    the machine the suite is run on) or with a hub to download from."""
+    line = next(line for line in lines if "pretrained weights:" in line)
+    offline = ("✗ pretrained weights: model.encoder_weights: smp-hub/mit_b0.imagenet/config.json (+1 more) is not "
+               "in the Hugging Face cache ")
+    assert line.startswith(offline) or line.startswith("✓ pretrained weights: smp-hub/mit_b0.imagenet"), line
+    if line.startswith("✗"):
+        assert "this machine is offline (no connection to https://huggingface.co" in line, line
+        assert "on a login node run `cityseg weights fetch --config <config>`" in line, line
+    return line
+
+
+@pytest.mark.slow  # ~4 s: building the mit_b0 model
+def test_check_offline_answers_in_one_line_within_seconds(synth_root, tmp_path, monkeypatch, capsys):
+    """This machine's own network (no model hub reachable) with HF_HUB_OFFLINE unset, as on a compute node: one
+    short question to the hub, then the local cache only; it took ~60 s of hub retries (24 lines of them)."""
+    from huggingface_hub import constants
+
+    from cityseg.cli import main as cityseg_main
+    from cityseg.model import weights
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "")  # whatever the probe sets is undone after the test
+    monkeypatch.setattr(weights, "_HUB", {})
+    start = time.perf_counter()
+    code = cityseg_main(["check", "--config", RECIPE, *tiny_overrides(synth_root, tmp_path / "run"),
+                         "data.cache.dir=null", "model.sync_bn=false"])
+    seconds = time.perf_counter() - start
+    captured = capsys.readouterr()
+    lines = captured.out.strip().splitlines()
+    assert len(lines) == 13 and "Retry" not in captured.err, captured
+    assert code == (1 if weights_line(lines).startswith("✗") else 0), lines
+    assert "✓ model: Segformer / mit_b0, 3.7 M parameters, encoder random init here (weights: above)" in lines
+    assert seconds < 10.0, f"{seconds:.1f} s"
+
+
+@pytest.mark.slow
+def test_sweep_dry_run_offline_stops_in_seconds(synth_root, tmp_path):
+    """`launch/submit.py --sweep --dry-run` with this machine's network: the checks of every combination run in one
+    process that asks the hub once; measured against `cityseg check` under HF_HUB_OFFLINE=1 (its start-up)."""
+    env = child_env(HF_HUB_CACHE=str(tmp_path / "hub"))
+    env.pop("HF_HUB_OFFLINE")
+    overrides = [f"data.root={synth_root}", "data.image_size=[64,128]", "data.cache.dir=null", "data.batch_size=4",
+                 f"output_dir={tmp_path / 'runs'}"]
+    start = time.perf_counter()
+    sweep = run([PYTHON, "launch/submit.py", "--config", RECIPE, "--gpus-per-node", "0", "--dry-run",
+                 "--log-dir", tmp_path, "--sweep", "optim.lr=1e-3,3e-4", *overrides], env=env, timeout=300)
+    swept = time.perf_counter() - start
+    start = time.perf_counter()
+    cityseg("check", "--config", RECIPE, *overrides, env=offline_env(tmp_path / "hub"), timeout=300)
+    imports = time.perf_counter() - start
+    assert "Retry" not in sweep.stderr, sweep.stderr
+    if weights_line(sweep.stderr.splitlines() + sweep.stdout.splitlines()).startswith("✗"):
+        assert sweep.returncode == 1 and sweep.stderr.strip().splitlines()[-1].startswith("error: preflight `cityseg "
+                                                                                          "check --config"), sweep
+    assert swept - imports < 8.0, f"{swept:.1f} s, {swept - imports:.1f} s more than a check's start-up"
