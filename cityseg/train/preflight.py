@@ -168,6 +168,30 @@ def run_checks(cfg, deep: bool = False, world_size: int | None = None, cuda: boo
 
     _data_checks(checks, cfg, deep, world)
 
+    built = _model_checks(checks, cfg)
+
+    def output():
+        check_output_dir(cfg.output_dir, create=False)
+        free = shutil.disk_usage(_existing_ancestor(Path(cfg.output_dir))).free
+        detail = f"writable; {free / 2**30:.1f} GiB free"
+        if built is None:
+            return True, detail, None
+        needed = disk_needed(built, cfg.checkpoint.keep_last)
+        detail += f", checkpoints need about {needed / 2**30:.2f} GiB (keep_last {cfg.checkpoint.keep_last})"
+        return free >= needed, detail, None
+    _guard(checks, "output_dir", output)
+
+    _guard(checks, "resume", lambda: resume_plan(cfg))
+
+    mode, why = wandb_mode(cfg.tracking.wandb)
+    checks.append((not (mode == "online" and "no API key" in why), "W&B", f"{mode} ({why})"))
+    seen = [f"{name}={os.environ[name]}" for name in DIST_ENV if name in os.environ]
+    checks.append((True, "environment", " ".join(seen) if seen else "no launcher or SLURM variables set"))
+    return checks
+
+
+def _model_checks(checks: list[Check], cfg) -> torch.nn.Module | None:
+    """The pretrained weights, the model (returned where it builds) and the training shapes it can take."""
     def pretrained():  # before the model: offline, building it with missing weights would retry for a minute
         ok, detail = describe_weights(cfg.model)
         return ok, detail, None
@@ -192,25 +216,7 @@ def run_checks(cfg, deep: bool = False, world_size: int | None = None, cuda: boo
         note = padding_note(cfg.data)
         return True, detail + (f"; {note}" if note else ""), None
     _guard(checks, "shapes", shapes)
-
-    def output():
-        check_output_dir(cfg.output_dir, create=False)
-        free = shutil.disk_usage(_existing_ancestor(Path(cfg.output_dir))).free
-        detail = f"writable; {free / 2**30:.1f} GiB free"
-        if built is None:
-            return True, detail, None
-        needed = disk_needed(built, cfg.checkpoint.keep_last)
-        detail += f", checkpoints need about {needed / 2**30:.2f} GiB (keep_last {cfg.checkpoint.keep_last})"
-        return free >= needed, detail, None
-    _guard(checks, "output_dir", output)
-
-    _guard(checks, "resume", lambda: resume_plan(cfg))
-
-    mode, why = wandb_mode(cfg.tracking.wandb)
-    checks.append((not (mode == "online" and "no API key" in why), "W&B", f"{mode} ({why})"))
-    seen = [f"{name}={os.environ[name]}" for name in DIST_ENV if name in os.environ]
-    checks.append((True, "environment", " ".join(seen) if seen else "no launcher or SLURM variables set"))
-    return checks
+    return built
 
 
 def _data_checks(checks: list[Check], cfg, deep: bool, world: int) -> None:

@@ -6,9 +6,9 @@ import torch
 
 from cityseg.config.load import load_config
 from cityseg.config.schema import IMAGENET_MEAN, IMAGENET_STD, DataConfig, ModelConfig
-from cityseg.data.normalization import encoder_normalization, resolve_normalization
 from cityseg.data.cityscapes import collate
 from cityseg.data.loaders import train_dataset
+from cityseg.data.normalization import encoder_normalization, resolve_normalization
 from cityseg.data.transforms import CatMaxRatioCrop, eval_transform, train_transform
 
 

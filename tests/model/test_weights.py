@@ -144,7 +144,7 @@ def weights_line(lines: list[str]) -> str:
     line = next(line for line in lines if "pretrained weights:" in line)
     offline = ("✗ pretrained weights: model.encoder_weights: smp-hub/mit_b0.imagenet/config.json (+1 more) is not "
                "in the Hugging Face cache ")
-    assert line.startswith(offline) or line.startswith("✓ pretrained weights: smp-hub/mit_b0.imagenet"), line
+    assert line.startswith((offline, "✓ pretrained weights: smp-hub/mit_b0.imagenet")), line
     if line.startswith("✗"):
         assert "this machine is offline (no connection to https://huggingface.co" in line, line
         assert "on a login node run `cityseg weights fetch --config <config>`" in line, line

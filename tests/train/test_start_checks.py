@@ -26,7 +26,8 @@ def test_a_truncated_file_is_named_before_anything_is_built(synth_root, tmp_path
     out = tmp_path / "run"
     assert train(*tiny_overrides(root, out)) == 1
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == [f"error: {image}: cannot decode image (truncated PNG: it does not end with its IEND chunk)"], err
+    assert err == [(f"error: {image}: cannot decode image (truncated PNG: it does not end with its IEND "
+                    "chunk)")], err
     assert not out.exists()  # stopped before output_dir was made, so before the model was built
 
 
@@ -36,15 +37,15 @@ def test_with_on_bad_sample_skip_a_bad_training_file_is_a_warning(synth_root, tm
     label.write_bytes(b"not a png")
     warnings = []
     check_data_files(DataConfig(root=str(root), on_bad_sample="skip"), warnings.append)
-    assert warnings == [f"warning: 1 bad pair(s) in split train will be skipped (data.on_bad_sample=skip); first: "
-                        f"{label}: cannot decode label (not a PNG file: no PNG signature and IHDR header)"]
+    assert warnings == [(f"warning: 1 bad pair(s) in split train will be skipped (data.on_bad_sample=skip); first: "
+                         f"{label}: cannot decode label (not a PNG file: no PNG signature and IHDR header)")]
     with pytest.raises(DataError, match="not a PNG file"):
         check_data_files(DataConfig(root=str(root)), warnings.append)
 
 
 def test_headers_of_3000_files_are_read_within_2_seconds(tmp_path):
     """1,500 pairs = 3,000 files (Cityscapes train + val is 6,950): the pairs found and every header read."""
-    ok, png = cv2.imencode(".png", np.zeros((4, 8), np.uint8))
+    _, png = cv2.imencode(".png", np.zeros((4, 8), np.uint8))
     for split, count in (("train", 1400), ("val", 100)):
         for city in range(5):
             images, labels = tmp_path / "leftImg8bit" / split / f"c{city}", tmp_path / "gtFine" / split / f"c{city}"
@@ -66,8 +67,8 @@ def test_samples_the_model_cannot_divide_are_refused_in_one_line(synth_root, tmp
                  "data.image_size=[72,136]")
     assert code == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["error: data.image_size: training samples of 72x136 are not divisible by 32, which Segformer / "
-                   "mit_b0 needs (its encoder downsamples 32x); e.g. data.image_size=[64,128]"], err
+    assert err == [("error: data.image_size: training samples of 72x136 are not divisible by 32, which Segformer / "
+                    "mit_b0 needs (its encoder downsamples 32x); e.g. data.image_size=[64,128]")], err
 
 
 def test_a_crop_larger_than_the_image_is_said_at_start(synth_root, tmp_path, capsys):
@@ -76,6 +77,6 @@ def test_a_crop_larger_than_the_image_is_said_at_start(synth_root, tmp_path, cap
                  "data.scale_range=[0.5,2.0]", "data.batch_size=17")
     assert code == 2
     assert capsys.readouterr().out.splitlines() == [
-        "note: data.crop_size 96x160 is larger than data.image_size 64x128: every sample is padded to 96x160, 1.9x "
-        "its pixels at scale 1 (data.scale_range [0.5, 2.0]), and the network computes on the padding; a crop of at "
-        "most data.image_size avoids it"]
+        ("note: data.crop_size 96x160 is larger than data.image_size 64x128: every sample is padded to 96x160, 1.9x "
+         "its pixels at scale 1 (data.scale_range [0.5, 2.0]), and the network computes on the padding; a crop of "
+         "at most data.image_size avoids it")]
