@@ -93,13 +93,14 @@ def test_grayscale_and_rgba_images_are_converted_with_a_note(synth_root, tmp_pat
 
 # --- through the command line: one line, non-zero exit, no traceback ---------------------------------------------
 
-def test_a_corrupt_image_mid_training_stops_with_one_line_and_no_traceback(synth_root, tmp_path):
+def test_a_bad_sample_mid_training_stops_with_one_line_and_no_traceback(synth_root, tmp_path):
+    """A fault only decoding finds (a not-PNG or truncated file is named at start: tests/train/test_start_checks.py)."""
     root = copy_tree(synth_root, tmp_path)
-    image, _ = find_pairs(root, "train")[5]
-    corrupt(image)
+    _, label = find_pairs(root, "train")[5]
+    unknown_ids(label)
     result = cityseg("train", "--config", "configs/demo.yaml", *tiny_overrides(root, tmp_path / "run"))
     assert result.returncode == 1
-    assert one_error_line(result.stderr) == f"error: {image}: cannot decode image (corrupt, truncated or not an image)"
+    assert one_error_line(result.stderr) == f"error: {label}: label ids [200] are not in the Cityscapes table"
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
@@ -208,9 +209,10 @@ def test_encoder_weights_missing_offline_say_how_to_get_them(synth_root, tmp_pat
                      "model.encoder_weights=imagenet", timeout=300,
                      env=child_env(HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "empty_hf_home")))
     assert result.returncode == 1
-    model_line = next(line for line in result.stdout.splitlines() if line.startswith("✗ model:"))
-    assert "model.encoder_weights: 'imagenet' weights for encoder tu-tf_mobilenetv3_small_minimal_100 are not " \
-           "available offline" in model_line
+    weights_line = next(line for line in result.stdout.splitlines() if line.startswith("✗ "))
+    assert weights_line.startswith("✗ pretrained weights: model.encoder_weights: timm/tf_mobilenetv3_small_minimal_"
+                                   "100.in1k/model.safetensors is not in the Hugging Face cache "), weights_line
+    assert "offline (HF_HUB_OFFLINE is set): on a login node run `cityseg weights fetch" in weights_line
     missing_file = build_model_error(load_config("configs/demo.yaml", ["model.encoder_weights=/no/such.safetensors"]))
     assert missing_file == "model.encoder_weights: file /no/such.safetensors not found"
 
