@@ -19,7 +19,13 @@ from cityseg.distributed.runtime import make_accelerator
 from cityseg.labels import class_names
 from cityseg.model.build import build_model, convert_sync_batchnorm, unwrap_for_eval
 from cityseg.observe.console import RunConsole
-from cityseg.observe.records import CONFIG_CHANGES, METRICS_LOG, TRAIN_LOG, append_jsonl, drop_records_after
+from cityseg.observe.records import (
+    CONFIG_CHANGES,
+    METRICS_LOG,
+    TRAIN_LOG,
+    append_jsonl,
+    drop_records_after,
+)
 from cityseg.observe.trackers import Trackers, build_trackers
 from cityseg.train import resume as resume_check
 from cityseg.train.ema import attach_ema

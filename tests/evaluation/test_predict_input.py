@@ -58,8 +58,8 @@ def test_predict_bad_input_is_one_line(trained_run, tmp_path, capsys):
     (tmp_path / "notes.txt").write_text("not an image")
     for source, message in ((tmp_path / "missing", "input file or directory not found"),
                             (tmp_path / "empty", "no PNG or JPEG images found"),
-                            (tmp_path / "notes.txt", "not a PNG or JPEG image (--input takes one image file or a "
-                                                     "folder of them)")):
+                            (tmp_path / "notes.txt", ("not a PNG or JPEG image (--input takes one image file or a "
+                                                      "folder of them)"))):
         code = main(["predict", "--config", str(trained_run / "config.yaml"), "--checkpoint", str(trained_run),
                      "--input", str(source), "--output", str(tmp_path / "out")])
         assert code == 1

@@ -162,9 +162,9 @@ def test_a_finished_run_says_nothing_is_left_and_config_yaml_records_what_runs_n
     again = cityseg("train", *CONFIG, *base, "tracking.tensorboard=true", "data.batch_size=2")
     assert again.returncode == 0, again.stderr[-3000:]
     said = [line for line in again.stdout.splitlines() if "nothing left to train" in line]
-    assert said == [f"resume: nothing left to train: the run in {out} finished at step 8 of 8; to train more, raise "
-                    "train.epochs (now 1, e.g. train.epochs=2); trackers and logging settings act only on the steps "
-                    "trained"], again.stdout  # step 4 at batch 4 is step 8 at batch 2
+    assert said == [(f"resume: nothing left to train: the run in {out} finished at step 8 of 8; to train more, "
+                     "raise train.epochs (now 1, e.g. train.epochs=2); trackers and logging settings act only on the "
+                     "steps trained")], again.stdout  # step 4 at batch 4 is step 8 at batch 2
     recorded = yaml.safe_load((out / "config.yaml").read_text())
     assert recorded["data"]["batch_size"] == 2 and recorded["tracking"]["tensorboard"] is True
     history = read_jsonl(out / "config_changes.jsonl")
