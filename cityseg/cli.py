@@ -106,7 +106,7 @@ def _add_predict(commands) -> None:
     predict.add_argument("--checkpoint", required=True, help="model.safetensors or a checkpoint directory")
     source = predict.add_mutually_exclusive_group(required=True)
     source.add_argument("--split", help="a split of data.root (leftImg8bit/<split>/<city>/*_leftImg8bit.png)")
-    source.add_argument("--input", help="any folder of PNG / JPEG images (subfolders kept)")
+    source.add_argument("--input", help="one PNG / JPEG image, or any folder of them (subfolders kept)")
     predict.add_argument("--output", required=True, help="writes labelIds/, color/ and overlay/ trees here")
 
 

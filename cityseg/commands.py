@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
+import re
 import sys
+import time
 from pathlib import Path
 
 from cityseg.config.load import dump_config, load_config, run_config_path
@@ -140,16 +141,16 @@ def run_weights(args) -> int:
 
 def report(line: str) -> None:
     """Write an error line; every one-line error of main() goes through here. Under torchelastic (accelerate
-    launch) the launcher prints its own ~40-line failure report after the processes exit: rank 0's line is then
-    repeated after it, by a detached helper that waits (at most 30 s) for the launcher to exit, so the reason is
-    the last thing on the screen."""
+    launch) the launcher prints its own ~40-line failure report after the processes exit: the reason also goes into
+    the process's torchelastic error file, which that report shows as its root cause ("traceback : error: ..."),
+    so it is on screen, in the report, before the launcher exits; nothing is written after it."""
     sys.stderr.write(line)  # one write: ranks sharing a pipe do not interleave
     sys.stderr.flush()
-    if "TORCHELASTIC_RUN_ID" not in os.environ or not is_main_rank():
+    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not error_file:  # not under torchelastic, or a launcher that keeps no error files
         return
-    launcher = os.getppid()
-    waiter = ("import os, sys, time\nend = time.monotonic() + 30\nwhile time.monotonic() < end:\n"
-              "    try: os.kill(int(sys.argv[1]), 0)\n    except OSError: break\n    time.sleep(0.1)\n"
-              "sys.stderr.write(sys.argv[2])\n")
-    subprocess.Popen([sys.executable, "-c", waiter, str(launcher), line], stdin=subprocess.DEVNULL,
-                     stdout=subprocess.DEVNULL, start_new_session=True)
+    reason = re.sub(r"^\[rank \d+\] ", "", line.strip())  # the report names the rank itself
+    try:  # torchelastic's reply-file format: {"message": str, "timestamp": seconds}
+        Path(error_file).write_text(json.dumps({"message": reason, "timestamp": int(time.time())}))
+    except OSError:  # the report then says "To enable traceback see ..."; the line above was already written
+        pass

@@ -25,9 +25,14 @@ KINDS = {"labelIds": "_pred_labelIds.png", "color": "_pred_color.png", "overlay"
 
 
 def find_images(root: Path, exclude: Path | None = None) -> list[Path]:
-    """PNG / JPEG files under root (any depth), sorted; files under `exclude` (the output) are not inputs."""
+    """PNG / JPEG files under root (any depth), sorted, or root itself when it is one image file; files under
+    `exclude` (the output) are not inputs."""
+    if root.is_file():
+        if root.suffix.lower() not in IMAGE_EXTENSIONS:
+            raise DataError(f"{root}: not a PNG or JPEG image (--input takes one image file or a folder of them)")
+        return [root]
     if not root.is_dir():
-        raise DataError(f"{root}: input directory not found")
+        raise DataError(f"{root}: input file or directory not found")
     found = [p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
              and not (exclude is not None and exclude.resolve() in p.resolve().parents)]
     if not found:
@@ -87,6 +92,8 @@ def predict(cfg, weights: str | Path, output: str | Path, split: str | None = No
     output = Path(output)
     root = Path(input_dir) if input_dir is not None else Path(cfg.data.root) / "leftImg8bit" / split
     images = find_images(root, exclude=output)
+    if root.is_file():  # one image: its three files go straight under <output>/<kind>/
+        root = root.parent
     scheme = cfg.data.label_scheme
     model = build_model(cfg.model, len(class_names(scheme)))
     load_weights(model, weights)

@@ -1,4 +1,4 @@
-"""The run's JSONL logs (train_log.jsonl, metrics.jsonl): one record per line, rewound on a resume."""
+"""The run's JSONL logs (train_log.jsonl, metrics.jsonl, config_changes.jsonl): one record per line."""
 from __future__ import annotations
 
 import json
@@ -6,6 +6,7 @@ from pathlib import Path
 
 TRAIN_LOG = "train_log.jsonl"  # one record per logged training step
 METRICS_LOG = "metrics.jsonl"  # one record per validation
+CONFIG_CHANGES = "config_changes.jsonl"  # one record per resume that changed allowed keys: config.yaml's history
 
 
 def append_jsonl(path: Path, record: dict) -> None:

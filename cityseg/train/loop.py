@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 
 from cityseg import checkpoint
+from cityseg.config.load import save_config
 from cityseg.data.cityscapes import skipped_samples
 from cityseg.data.sampler import epoch_sampler
 from cityseg.distributed import run_lock
@@ -40,9 +41,10 @@ def train(cfg, phases: dict | None = None) -> int:
 
 def train_loop(cfg, stop: StopFlag, phases: dict | None = None) -> int:
     run = setup(cfg, phases)
+    if run.latest is not None and not steps_left(run):
+        run.console.print(nothing_left(run))
     run.console.start(run.state["step"])
-    while run.state["step"] < run.total_steps and (cfg.train.epochs is None
-                                                   or run.state["epochs_done"] < cfg.train.epochs):
+    while steps_left(run):
         code = train_epoch(run, stop)
         if code is not None:
             return code
@@ -61,6 +63,24 @@ def train_loop(cfg, stop: StopFlag, phases: dict | None = None) -> int:
         if run.stop_after_epoch:  # the checkpoint holds the epoch's end as a run never stopped has it
             return preempt(run, stop)
     return finish(run)
+
+
+def steps_left(run: Run) -> bool:
+    epochs = run.cfg.train.epochs
+    return run.state["step"] < run.total_steps and (epochs is None or run.state["epochs_done"] < epochs)
+
+
+def nothing_left(run: Run) -> str:
+    """The one line of a resumed run that has nothing left to train: which limit it reached and how to go on
+    (a setting that only acts while training, e.g. a new tracker, would otherwise seem ignored)."""
+    train_cfg, step = run.cfg.train, run.state["step"]
+    limits = [f"train.max_steps (now {train_cfg.max_steps})"] if train_cfg.max_steps is not None \
+        and step >= train_cfg.max_steps else []
+    if train_cfg.epochs is not None and run.state["epochs_done"] >= train_cfg.epochs:
+        limits.append(f"train.epochs (now {train_cfg.epochs}, e.g. train.epochs={2 * train_cfg.epochs})")
+    return (f"resume: nothing left to train: the run in {run.output_dir} finished at step {step} of "
+            f"{run.total_steps}; to train more, raise {' or '.join(limits) or 'train.max_steps or train.epochs'}; "
+            "trackers and logging settings act only on the steps trained")
 
 
 def train_epoch(run: Run, stop: StopFlag) -> int | None:
@@ -232,6 +252,8 @@ def finish(run: Run) -> int:
     run.accelerator.wait_for_everyone()
     if run.accelerator.is_main_process:  # replaced atomically: never a half-written model.safetensors
         checkpoint.export(run.latest, output_dir, overwrite=True)
+        # what runs now, not the exported checkpoint's: a resume with nothing left to train saves no new one
+        save_config(run.cfg, output_dir / "config.yaml")
     run.console.print(f"done: {state['step']} steps; weights in {output_dir / checkpoint.MODEL_FILE}; best mIoU "
                       f"{_rounded(state['best_mIoU'])} at step {state['best_step']}")
     if state["nan_skipped"]:

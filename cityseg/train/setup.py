@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,7 +20,13 @@ from cityseg.distributed.runtime import make_accelerator
 from cityseg.labels import class_names
 from cityseg.model.build import build_model, convert_sync_batchnorm, unwrap_for_eval
 from cityseg.observe.console import RunConsole
-from cityseg.observe.records import METRICS_LOG, TRAIN_LOG, drop_records_after
+from cityseg.observe.records import (
+    CONFIG_CHANGES,
+    METRICS_LOG,
+    TRAIN_LOG,
+    append_jsonl,
+    drop_records_after,
+)
 from cityseg.observe.trackers import Trackers, build_trackers
 from cityseg.train import resume as resume_check
 from cityseg.train.ema import attach_ema
@@ -179,6 +186,7 @@ def restore(run: Run, steps_per_epoch: int) -> None:
     run.state = {"step": 0, "epoch": 0, "epochs_done": 0, "batch_in_epoch": 0, "best_mIoU": None,
                  "best_step": None, "nan_skipped": 0, **shape, "total_steps": run.total_steps}
     start_from = resume_check.resume_point(cfg, run.output_dir, accelerator, run.console.print)
+    changes = []
     if start_from is not None:
         changes = resume_check.verdict(cfg, start_from)  # refuses a config that trains something else
         run.console.print(f"resume: from {start_from}")
@@ -201,6 +209,9 @@ def restore(run: Run, steps_per_epoch: int) -> None:
         accelerator.step = 0  # the resumed pass opens an accumulation window (its micro-batch count was restored)
         run.latest, run.last_saved_step = start_from, run.state["step"]
     if accelerator.is_main_process:  # the run really starts: record its config; drop a killed attempt's records
-        save_config(cfg, run.output_dir / "config.yaml")
+        save_config(cfg, run.output_dir / "config.yaml")  # what runs now; the resumes that changed it, below
+        if changes:
+            append_jsonl(run.output_dir / CONFIG_CHANGES, {"step": run.state["step"], "resumed_from": str(start_from),
+                                                          "changes": changes, "time": time.time()})
         for log in (run.output_dir / TRAIN_LOG, run.output_dir / METRICS_LOG):
             drop_records_after(log, run.state["step"])

@@ -87,7 +87,7 @@ def test_readme_links_every_guide():
 
 
 CONTRIBUTOR_SPEAK = ("add its row", "add a row", "floor", "how this is tested", "tests/", "test_", "not yet run",
-                     "goal")
+                     "goal", "tests.", "tests build", "fake `wandb", "namespace", "as root", "have not run on a gpu")
 
 
 def test_user_guides_speak_to_users():
@@ -104,6 +104,42 @@ def test_user_guides_speak_to_users():
     allowed = {"README.md"}  # the README names `bash tests/run.sh`, the one command a user runs the tests with
     found = [f for f in found if not (f.split(":")[0] in allowed and "tests/run.sh" in f)]
     assert not found, "contributor material in a user guide (move it to docs/development.md):\n" + "\n".join(found)
+
+
+def user_guides() -> list[Path]:
+    return [doc for doc in doc_files() if doc not in (DEVELOPMENT_DOC, ARCHITECTURE_DOC)]
+
+
+def test_no_troubleshooting_entry_twice():
+    """A bold-headed bullet (`* **Symptom**: ...`) appears once per guide: two answers to one symptom disagree."""
+    repeated = []
+    for doc in user_guides():
+        heads = re.findall(r"^\s*[*-] \*\*(.+?)\*\*", doc.read_text(), flags=re.M)
+        repeated += [f"{doc.relative_to(REPO)}: '{head}'" for head in sorted(set(heads)) if heads.count(head) > 1]
+    assert not repeated, "entries listed twice (merge them into one):\n" + "\n".join(repeated)
+
+
+def test_configuration_doc_names_every_shipped_config():
+    paragraph = re.search(r"^Shipped configs:(.*?)\n\n", CONFIG_DOC.read_text(), flags=re.S | re.M)
+    assert paragraph, "docs/configuration.md: no 'Shipped configs:' paragraph"
+    missing = [config.name for config in sorted((REPO / "configs").glob("*.yaml"))
+               if f"configs/{config.name}" not in paragraph.group(1)]
+    assert not missing, f"docs/configuration.md 'Shipped configs' does not name: {', '.join(missing)}"
+
+
+def test_evaluation_doc_names_the_runs_own_normalization_for_api_input():
+    """A run records the encoder's mean / std (0.5 / 0.5 for the demo's tf_ MobileNetV3), not always ImageNet's:
+    float input to the API must be normalized with what the run's config.yaml records."""
+    from cityseg.data.normalization import resolve_normalization
+
+    demo = load_config(REPO / "configs" / "demo.yaml")
+    resolve_normalization(demo.data, demo.model)
+    assert demo.data.mean != [0.485, 0.456, 0.406]  # the case the sentence must cover
+    text = " ".join((REPO / "docs" / "evaluation.md").read_text().split())
+    sentence = re.search(r"or float `\(B, 3, H, W\)` already normalized as the training data is.*?One image", text)
+    assert sentence and "`data.mean` / `data.std`" in sentence.group(0) and "config.yaml" in sentence.group(0), (
+        "docs/evaluation.md: float API input must be normalized with the run's data.mean / data.std "
+        f"(config.yaml), found: {sentence.group(0) if sentence else 'no such sentence'}")
 
 
 # ---- the configuration reference ---------------------------------------------------------------------------------
@@ -313,14 +349,40 @@ def test_every_readme_command_parses_and_its_config_loads():
     assert not problems, "README commands that would not run:\n" + "\n".join(problems)
 
 
+def demo_layout(root: Path) -> None:
+    """The repository's files launch/demo.sh uses, linked into root; its .venv is the one running the tests."""
+    for name in ("launch", "configs", "train.py", "pyproject.toml", "constraints.txt"):
+        (root / name).symlink_to(REPO / name)
+    (root / ".venv").symlink_to(Path(sys.prefix))  # launch/venv.sh finds it current and does nothing
+
+
+def readme_demo_figure(threads: str) -> tuple[float, float]:
+    """(the demo's validation mIoU the README states for this thread count, the spread it states for another CPU)."""
+    text = " ".join(README.read_text().split())
+    found = re.search(r"Validation mIoU: (0\.\d+) with torch's default 2 threads and (0\.\d+) with one thread "
+                      r"\(`OMP_NUM_THREADS=1`\).*?within ±(0\.\d+) of the figure for your thread count", text)
+    assert found, "README.md: the demo's figures per thread count and their spread are not where the test reads them"
+    return float(found.group(1 if threads == "2" else 2)), float(found.group(3))
+
+
+@pytest.mark.slow
+def test_demo_gives_the_readme_figure(tmp_path):
+    """launch/demo.sh as a user runs it (data, the full 160-step training, evaluation), with one thread as every
+    test child process: its mIoU is the README's figure for one thread, within the spread the README states."""
+    demo_layout(tmp_path)
+    result = subprocess.run(["bash", str(tmp_path / "launch" / "demo.sh")], cwd=tmp_path, env=child_env(),
+                            capture_output=True, text=True, timeout=COMMAND_TIMEOUT_S)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    measured = float(re.search(r"^demo done: validation mIoU (\d\.\d{3}) ", result.stdout, re.M).group(1))
+    stated, spread = readme_demo_figure(child_env()["OMP_NUM_THREADS"])
+    assert abs(measured - stated) <= spread, (f"launch/demo.sh gave mIoU {measured:.3f} with OMP_NUM_THREADS="
+                                             f"{child_env()['OMP_NUM_THREADS']}; README.md says {stated} (±{spread})")
+
+
 def test_demo_script_trains_in_its_own_run_directory(tmp_path):
     """launch/demo.sh in a copy of the repository's layout (2 steps): it never touches the quick start's runs/demo,
     says when it replaces its own earlier run, and ends with the mIoU line the README quotes."""
-    for name in ("launch", "configs"):
-        (tmp_path / name).symlink_to(REPO / name)
-    for name in ("train.py", "pyproject.toml", "constraints.txt"):
-        (tmp_path / name).symlink_to(REPO / name)
-    (tmp_path / ".venv").symlink_to(Path(sys.prefix))  # launch/venv.sh finds it current and does nothing
+    demo_layout(tmp_path)
     quick_start_run = tmp_path / "runs" / "demo" / "model.safetensors"
     quick_start_run.parent.mkdir(parents=True)
     quick_start_run.write_bytes(b"the quick start's weights")

@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import math
+import subprocess
+import time
 
 import pytest
 import torch
 
-from tests.helpers.process import CONFIG, child_env, cityseg, launch_cmd, run
+from tests.helpers.process import CONFIG, REPO, child_env, cityseg, launch_cmd, run
 from tests.helpers.runs import read_jsonl, tiny_overrides
 
 
@@ -77,7 +79,8 @@ def test_multi_gpu_launch_without_gpus_is_stopped(synth_root, tmp_path):
     message = ("error: the launcher started 2 processes but accelerate found no GPU, so each would train alone on "
                "all the data: set ACCELERATE_USE_CPU=1 to train on CPU processes over gloo")
     assert message in result.stderr.splitlines(), result.stderr[-3000:]  # rank 0's line; rank 1's is prefixed
-    assert result.stderr.strip().splitlines()[-1] == message  # after torch's failure report, not buried in it
+    report = result.stderr.strip().splitlines()  # torch's failure report names the reason as its root cause
+    assert report[-2].strip() == f"traceback : {message}" and set(report[-1]) == {"="}, result.stderr[-3000:]
     assert "exitcode  : 2" in result.stderr  # the process's own code (2: a config problem) in the report above
     assert "cityseg/train/loop.py" not in result.stderr  # no traceback of ours (the launcher prints its own summary)
     assert not (tmp_path / "run" / "config.yaml").exists() and not (tmp_path / "run" / "train_log.jsonl").exists()
@@ -89,15 +92,24 @@ def test_multi_gpu_launch_without_gpus_is_stopped(synth_root, tmp_path):
     ("data.root=/nonexistent/cityscapes", "error: data.root /nonexistent/cityscapes: directory not found; expected "
                                           "the Cityscapes layout <root>/leftImg8bit/<split>/<city>/*_leftImg8bit.png "
                                           "with <root>/gtFine/<split>/<city>/*_gtFine_labelIds.png")])
-def test_a_one_line_error_under_accelerate_launch_is_the_last_line(override, message, tmp_path):
-    """2 processes: torch's ~40-line failure report follows the processes' errors; rank 0's line is repeated after
-    it, so the reason is what a user reads last."""
-    out = tmp_path / "run"
-    result = run(launch_cmd(2, "train.py", *CONFIG, f"output_dir={out}", override), timeout=300)
-    assert result.returncode != 0
-    lines = result.stderr.strip().splitlines()
-    assert lines[-1] == message, result.stderr[-3000:]
-    assert lines.count(message) == 2 and "ChildFailedError" in result.stderr  # rank 0's line, the report, again
+def test_a_one_line_error_under_accelerate_launch_is_on_screen_before_the_launcher_exits(override, message,
+                                                                                          tmp_path):
+    """2 processes: each prints its reason at once; torch's ~40-line failure report that follows names it as the
+    root cause, on its last line of text; nothing arrives after the launcher has exited (a reason printed after
+    the shell prompt came back would be missed)."""
+    out, screen = tmp_path / "run", tmp_path / "stderr.txt"
+    with open(screen, "w") as stderr:  # a file, not a pipe: what was written by when the launcher exited
+        launcher = subprocess.Popen(launch_cmd(2, "train.py", *CONFIG, f"output_dir={out}", override), cwd=REPO,
+                                    env=child_env(), stdout=subprocess.DEVNULL, stderr=stderr)
+        code = launcher.wait(timeout=300)
+    at_exit = screen.read_text()
+    time.sleep(2)  # a line written later (by a helper waiting for the launcher to exit) would show up by now
+    assert screen.read_text() == at_exit, "written after the launcher exited:\n" + screen.read_text()[len(at_exit):]
+    assert code != 0
+    lines = at_exit.strip().splitlines()
+    assert message in lines, at_exit[-3000:]  # rank 0's own line; rank 1's is prefixed with [rank 1]
+    assert at_exit.index(message) < at_exit.index("ChildFailedError"), at_exit[-3000:]  # before the report
+    assert lines[-2].strip() == f"traceback : {message}" and set(lines[-1]) == {"="}, at_exit[-3000:]
     assert not out.exists()
 
 

@@ -33,6 +33,21 @@ def test_predict_on_a_folder_of_images_of_any_size(trained_run, tmp_path):
     assert len(list(out.rglob("*.*"))) == 9 + 1
 
 
+def test_predict_on_one_image_file(trained_run, tmp_path, capsys):
+    """--input names one image: its three files go straight under the output's kind folders."""
+    image = tmp_path / "photos" / "street.jpg"
+    image.parent.mkdir()
+    cv2.imwrite(str(image), np.random.default_rng(1).integers(0, 256, (40, 70, 3), dtype=np.uint8))
+    out = tmp_path / "preds"
+    code = main(["predict", "--config", str(trained_run / "config.yaml"), "--checkpoint", str(trained_run),
+                 "--input", str(image), "--output", str(out), "data.num_workers=0"])
+    assert code == 0, capsys.readouterr().err
+    assert "wrote predictions of 1 images" in capsys.readouterr().out
+    assert cv2.imread(str(out / "labelIds" / "street_pred_labelIds.png"), cv2.IMREAD_UNCHANGED).shape == (40, 70)
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*.*")) == [
+        "color/street_pred_color.png", "labelIds/street_pred_labelIds.png", "overlay/street_pred_overlay.jpg"]
+
+
 def test_predict_bad_input_is_one_line(trained_run, tmp_path, capsys):
     """The real CLI entry in this process (a child process per case would only add torch's import time)."""
     (tmp_path / "empty").mkdir()
@@ -40,8 +55,11 @@ def test_predict_bad_input_is_one_line(trained_run, tmp_path, capsys):
     clash.mkdir()
     for name in ("photo.png", "photo.jpg"):
         cv2.imwrite(str(clash / name), np.zeros((8, 8, 3), np.uint8))
-    for source, message in ((tmp_path / "missing", "input directory not found"),
-                            (tmp_path / "empty", "no PNG or JPEG images found")):
+    (tmp_path / "notes.txt").write_text("not an image")
+    for source, message in ((tmp_path / "missing", "input file or directory not found"),
+                            (tmp_path / "empty", "no PNG or JPEG images found"),
+                            (tmp_path / "notes.txt", ("not a PNG or JPEG image (--input takes one image file or a "
+                                                      "folder of them)"))):
         code = main(["predict", "--config", str(trained_run / "config.yaml"), "--checkpoint", str(trained_run),
                      "--input", str(source), "--output", str(tmp_path / "out")])
         assert code == 1

@@ -5,6 +5,7 @@ import json
 import re
 import shutil
 
+import pytest
 import yaml
 
 from cityseg.config.load import load_config, to_dict
@@ -146,3 +147,36 @@ def test_moved_data_root_resumes_exactly_and_a_shrunk_training_set_is_one_line(s
         f"error: {step2}: was saved after 8 samples of epoch 1, but the training set now has 4: point data.root at "
         "the data the run trained on, or start a new run (output_dir=<new dir>)"]
     assert not (tmp_path / "refused" / "train_log.jsonl").exists()
+
+
+@pytest.mark.slow
+def test_a_finished_run_says_nothing_is_left_and_config_yaml_records_what_runs_now(synth_root, tmp_path):
+    """Resuming a finished run with allowed changes (a new tracker, another batch size): one line says nothing is
+    left and how to train more, exit 0; config.yaml holds the config given now, config_changes.jsonl the history."""
+    out = tmp_path / "run"
+    base = tiny_overrides(synth_root, out)  # 1 epoch of 16 images, batch 4: 4 steps
+    first = cityseg("train", *CONFIG, *base)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert not (out / "config_changes.jsonl").exists()  # a run never resumed with changes has no history
+
+    again = cityseg("train", *CONFIG, *base, "tracking.tensorboard=true", "data.batch_size=2")
+    assert again.returncode == 0, again.stderr[-3000:]
+    said = [line for line in again.stdout.splitlines() if "nothing left to train" in line]
+    assert said == [(f"resume: nothing left to train: the run in {out} finished at step 8 of 8; to train more, "
+                     "raise train.epochs (now 1, e.g. train.epochs=2); trackers and logging settings act only on the "
+                     "steps trained")], again.stdout  # step 4 at batch 4 is step 8 at batch 2
+    recorded = yaml.safe_load((out / "config.yaml").read_text())
+    assert recorded["data"]["batch_size"] == 2 and recorded["tracking"]["tensorboard"] is True
+    history = read_jsonl(out / "config_changes.jsonl")
+    assert [(r["step"], r["resumed_from"], r["changes"]) for r in history] == [
+        (8, str(out / "checkpoints" / "step_00000004"),
+         ["data.batch_size 4 -> 2", "tracking.tensorboard False -> True"])]
+
+    more = cityseg("train", *CONFIG, *base, "data.batch_size=2", "train.epochs=2")  # tensorboard back off
+    assert more.returncode == 0, more.stderr[-3000:]
+    assert "nothing left to train" not in more.stdout
+    recorded = yaml.safe_load((out / "config.yaml").read_text())
+    assert (recorded["data"]["batch_size"], recorded["train"]["epochs"], recorded["tracking"]["tensorboard"]) == (
+        2, 2, False)
+    assert [r["changes"] for r in read_jsonl(out / "config_changes.jsonl")][1:] == [
+        ["data.batch_size 4 -> 2", "train.epochs 1 -> 2"]]  # against the checkpoint's own config (step 4's)
