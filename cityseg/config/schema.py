@@ -72,6 +72,7 @@ class ModelConfig:
     decoder_atrous_rates: Optional[list[int]] = None  # smp DeepLabV3/V3+ ASPP dilations; null = smp's default
     aspp_project_kernel: Literal[1, 3] = 1  # DeepLabV3/V3+ ASPP projection: 1 = smp's, 3 = mmseg's bottleneck
     aux_head: bool = False  # an FCN head on the encoder's next-to-last stage, trained with loss.aux_weight
+    pad_classes_to: int = field(default=0, metadata=_range(0))  # class head computes this many channels; 0 = off
 
 
 @dataclass

@@ -146,3 +146,10 @@ def test_moved_data_root_resumes_exactly_and_a_shrunk_training_set_is_one_line(s
         f"error: {step2}: was saved after 8 samples of epoch 1, but the training set now has 4: point data.root at "
         "the data the run trained on, or start a new run (output_dir=<new dir>)"]
     assert not (tmp_path / "refused" / "train_log.jsonl").exists()
+
+
+def test_class_head_padding_may_change_on_resume():
+    """model.pad_classes_to keeps the weights the unpadded model's: a run may resume with it switched on or off."""
+    saved = to_dict(load_config("configs/demo.yaml"))
+    refused, allowed = compare(saved, to_dict(load_config("configs/demo.yaml", ["model.pad_classes_to=24"])))
+    assert refused == [] and [change.split()[0] for change in allowed] == ["model.pad_classes_to"], allowed
