@@ -52,7 +52,7 @@ def build_model(model_cfg, num_classes: int) -> torch.nn.Module:
                              "classes (0 = no padding, or e.g. 24 / 32)")
         try:
             pad_class_head(model, num_classes, model_cfg.pad_classes_to)
-        except ValueError as err:
+        except TypeError as err:
             raise ModelError(f"model.pad_classes_to: {err}") from None
     return WithAuxHead(model, num_classes) if model_cfg.aux_head else model
 

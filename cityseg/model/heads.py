@@ -79,6 +79,6 @@ def pad_class_head(model: nn.Module, num_classes: int, padded_to: int) -> None:
     and the state dict are those of the unpadded model."""
     head = getattr(model, "segmentation_head", None)
     if not isinstance(head, nn.Sequential) or not isinstance(head[0], nn.Conv2d):
-        raise ValueError(f"{type(model).__name__} has no smp segmentation head (a conv first) to pad")
+        raise TypeError(f"{type(model).__name__} has no smp segmentation head (a conv first) to pad")
     head[0] = PaddedClassConv(head[0], padded_to)
     head.append(KeepClasses(num_classes))  # no parameters: the state dict keys stay segmentation_head.0.*

@@ -35,8 +35,8 @@ def test_seed_config_is_the_blog_recipe():
     ("data.batch_size=true", "data.batch_size: expected int, got bool True"),
     ("train.epochs=false", "train.epochs: expected int, got bool False"),
     ("optim.lr=true", "optim.lr: expected float, got bool True"),
-    ("train.compile=fast", "train.compile: 'fast' is not one of false, true, default, max-autotune-no-cudagraphs, "
-                           "reduce-overhead"),
+    ("train.compile=fast", ("train.compile: 'fast' is not one of false, true, default, max-autotune-no-cudagraphs, "
+                            "reduce-overhead")),
     ("train.compile=1", "train.compile: 1 is not one of false, true"),  # 1 == True in Python: not a mode
     ("model.aspp_project_kernel=true", "model.aspp_project_kernel: True is not one of 1, 3"),
 ])

@@ -6,8 +6,8 @@ from torch._dynamo.eval_frame import OptimizedModule
 
 from cityseg.config.load import load_config
 from cityseg.config.schema import LossConfig
-from cityseg.train.losses import DiceCELoss, build_loss
 from cityseg.distributed.runtime import make_accelerator
+from cityseg.train.losses import DiceCELoss, build_loss
 from cityseg.train.setup import build_training, setup
 from tests.helpers.runs import tiny_overrides
 
