@@ -146,7 +146,7 @@ def batch_sweep_child(cfg_path: str, batches: list[int], repeats: int, steps: in
         sweep[str(batch)] = {"step_s": statistics.median(seconds), "repeats_s": seconds,
                              "images_per_s": batch / statistics.median(seconds), **memory(built["device"])}
         del built
-    return sweep
+    return {"batches": sweep}
 
 
 def loss_child(cfg_path: str, steps: int) -> dict:
@@ -227,9 +227,11 @@ def diagnosis_rows(report: dict) -> list[tuple[str, dict]]:
                      f"{1000 * profile['cpu_op_time_per_step_s']:.1f} ms/step", {}))
     elif "profile" in report:
         rows.append(("profile", report["profile"]))
-    for batch, row in report.get("sweep", {}).get("batch", {}).items():
-        rows.append((f"step at batch {batch} (median of {len(row['repeats_s'])})", row) if "repeats_s" in row
-                    else (f"batch sweep ({batch})", row))
+    sweep = report.get("sweep", {}).get("batch", {})
+    for batch, row in sweep.get("batches", {}).items():
+        rows.append((f"step at batch {batch} (median of {len(row['repeats_s'])})", row))
+    if "error" in sweep or "skipped" in sweep:
+        rows.append(("batch sweep", sweep))
     loss = report.get("loss", {})
     if "configured" in loss:
         rows.append((f"loss fwd+bwd at batch {loss['batch']}: configured {loss['configured']['class'].split('.')[-1]}"

@@ -182,7 +182,7 @@ def best_step(report: dict) -> dict | None:
     candidates = []
     for group in ("steps", "compile", "sweep"):
         for name, row in report.get(group, {}).items():
-            rows = row.items() if name == "batch" else [("", row)]
+            rows = row.get("batches", {}).items() if name == "batch" else [("", row)]
             for batch, measured in rows:
                 if isinstance(measured, dict) and measured.get("images_per_s"):
                     label = f"{group}.{name}" + (f".{batch}" if batch else "")
@@ -268,9 +268,10 @@ def child_measurement(kind: str, config: str, options: dict) -> dict:
 
 def run_as_child(args) -> int:
     """One section in this process: its result JSON to --result. --fault (the tests' switch) crashes or hangs it."""
-    if args.fault == "crash":
+    fault = args.fault[-1] if args.fault else None
+    if fault == "crash":
         raise RuntimeError("fault injected by --fault crash")
-    if args.fault == "hang":
+    if fault == "hang":
         time.sleep(24 * 3600)
     result = child_measurement(args.child, args.config, json.loads(args.options))
     Path(args.result).write_text(json.dumps(result))

@@ -53,8 +53,8 @@ def last_line(text: str) -> str:
 class Proof:
     """The report, its path, the scratch folder and the deadline every section shares."""
 
-    def __init__(self, report_path: Path, work: Path, deadline_s: float):
-        self.path, self.work, self.deadline_s = report_path, work, deadline_s
+    def __init__(self, report_path: Path, work: Path, deadline_s: float, min_start_s: float = MIN_START_S):
+        self.path, self.work, self.deadline_s, self.min_start_s = report_path, work, deadline_s, min_start_s
         self.started = time.monotonic()
         self.report: dict = {"deadline_s": deadline_s, "order": []}
         (work / "logs").mkdir(parents=True, exist_ok=True)
@@ -75,7 +75,7 @@ class Proof:
         left = self.left()
         if section.skip:
             return self.record(section.name, {"skipped": section.skip})
-        if left < MIN_START_S:
+        if left < self.min_start_s:
             return self.record(section.name, {"skipped": f"not started: {max(left, 0):.0f} s of the "
                                                          f"{self.deadline_s:.0f} s deadline left"})
         limit = min(section.cap_s, left)
