@@ -149,7 +149,7 @@ def test_quick_proof_keeps_every_other_section_when_two_are_killed(tmp_path):
         assert report["compile"][name] == {"skipped": "skipped: needs CUDA"}
     assert report["cuda"]["skipped"].startswith("no CUDA")
     logs = sorted(os.listdir(tmp_path / "work" / "logs"))
-    assert len(logs) == 6 and logs[0].startswith("02_steps.fp32"), logs  # one per section that ran a child
+    assert len(logs) == 7 and logs[0].startswith("02_steps.fp32"), logs  # one per section that ran a child
     best = report["verdict"]["best_step"]
     assert best["images_per_s"] == max(row["images_per_s"] for row in all_steps(report)), best
     assert report["compile"]["default"]["compile_backend"] == "eager"
