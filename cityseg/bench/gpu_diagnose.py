@@ -12,14 +12,6 @@ import torch
 from cityseg.bench.gpu_measure import build_step, memory
 from cityseg.observe.flops import device_name
 
-# name: (torch.compile mode, needs CUDA). Each compiles the model and the configured loss, as train.compile does
-COMPILE_VARIANTS = {
-    "compile_model_and_loss": ("default", False),
-    "max_autotune_no_cudagraphs": ("max-autotune-no-cudagraphs", True),
-    "cuda_graphs": ("reduce-overhead", True),  # inductor's CUDA graphs: one replay per forward and backward
-}
-NEEDS_CUDA = "skipped: needs CUDA"
-
 
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
@@ -121,62 +113,47 @@ def loss_timing(cfg, batch: int, steps: int) -> dict:
     return {"batch": batch, **result}
 
 
-def diagnose_child(cfg_path: str, profile_steps: int, batches: list[int], repeats: int, steps: int,
-                   warmup: int) -> dict:
-    """In one process: the profiler summary at the config's batch, step time per batch size, the loss timing."""
+def built_for(cfg_path: str, batch: int | None, warmup: int) -> tuple[dict, object]:
+    """The config's eager step (its precision and memory format) at `batch`, warmed up: (build_step's dict, cfg)."""
     from cityseg.config.load import load_config
 
     cfg = load_config(cfg_path, [])
-    channels_last = bool(cfg.train.channels_last)
-    built = build_step(cfg, cfg.data.batch_size, channels_last)
+    built = build_step(cfg, batch or cfg.data.batch_size, bool(cfg.train.channels_last))
     for _ in range(warmup):
         built["step"]()
     built["stats"].take()
-    report = {"device": device_name(built["device"]), "batch": cfg.data.batch_size,
-              "precision": cfg.train.mixed_precision, "channels_last": channels_last,
-              "unprofiled": timed_steps(built["step"], built["stats"], built["device"], profile_steps),
-              "profile": profile_summary(built["step"], built["device"], profile_steps)}
-    del built
+    return built, cfg
+
+
+def profile_child(cfg_path: str, profile_steps: int, warmup: int) -> dict:
+    """Where a step's time goes at the config's batch: the profiler's top kernels, host issue time against wall."""
+    built, cfg = built_for(cfg_path, None, warmup)
+    return {"device": device_name(built["device"]), "batch": cfg.data.batch_size,
+            "precision": cfg.train.mixed_precision, "channels_last": bool(cfg.train.channels_last),
+            "unprofiled": timed_steps(built["step"], built["stats"], built["device"], profile_steps),
+            "profile": profile_summary(built["step"], built["device"], profile_steps)}
+
+
+def batch_sweep_child(cfg_path: str, batches: list[int], repeats: int, steps: int, warmup: int) -> dict:
+    """Step time per batch size (median of `repeats`), each batch's own peak memory."""
     sweep = {}
     for batch in batches:
-        built = build_step(cfg, batch, channels_last)
-        if built["device"].type == "cuda":
-            torch.cuda.reset_peak_memory_stats()  # each batch's own peak
-        for _ in range(warmup):
-            built["step"]()
-        built["stats"].take()
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        built, _ = built_for(cfg_path, batch, warmup)
         seconds = [timed_steps(built["step"], built["stats"], built["device"], steps)["wall_s_per_step"]
                    for _ in range(repeats)]
         sweep[str(batch)] = {"step_s": statistics.median(seconds), "repeats_s": seconds,
                              "images_per_s": batch / statistics.median(seconds), **memory(built["device"])}
         del built
-    report["batch_sweep"] = sweep
-    report["loss"] = loss_timing(cfg, cfg.data.batch_size, steps)
-    return report
+    return {"batches": sweep}
 
 
-def variant_child(cfg_path: str, variant: str, steps: int, warmup: int) -> dict:
-    """One compile variant of the config's step (model and loss compiled); CUDA-only modes say so on a CPU.
-    On a CPU the default mode runs with the "eager" backend: the same tracing, no code generation (seconds,
-    where inductor's C++ compilation would take minutes), so its speed there means nothing."""
+def loss_child(cfg_path: str, steps: int) -> dict:
     from cityseg.config.load import load_config
 
-    mode, cuda_only = COMPILE_VARIANTS[variant]
-    cuda = torch.cuda.is_available()
-    if cuda_only and not cuda:
-        return {"variant": variant, "mode": mode, "skipped": NEEDS_CUDA}
     cfg = load_config(cfg_path, [])
-    backend = "inductor" if cuda else "eager"
-    built = build_step(cfg, cfg.data.batch_size, bool(cfg.train.channels_last), mode, backend)
-    started = time.perf_counter()
-    for _ in range(warmup):
-        built["step"]()
-    built["stats"].take()
-    warmup_s = time.perf_counter() - started
-    timing = timed_steps(built["step"], built["stats"], built["device"], steps)
-    return {"variant": variant, "mode": mode, "backend": backend, "compiled": ["model", "loss"],
-            "warmup_s": warmup_s, "step_s": timing["wall_s_per_step"], **timing,
-            "images_per_s": cfg.data.batch_size / timing["wall_s_per_step"], **memory(built["device"])}
+    return loss_timing(cfg, cfg.data.batch_size, steps)
 
 
 # ---- in a child: a whole training run (train.py's engine), its time outside the steps measured separately
@@ -240,25 +217,28 @@ def _seconds(values) -> str:
 
 def diagnosis_rows(report: dict) -> list[tuple[str, dict]]:
     """The proof table's rows for the diagnosis: (label, a row with the table's keys, or error / skipped)."""
-    rows, diagnosis = [], report.get("diagnosis", {})
-    profile = diagnosis.get("profile")
+    rows = []
+    profile = report.get("profile", {}).get("profile")
     if profile:
         busy = profile["device_busy_share"]
         rows.append((f"profile, {profile['steps']} steps: {profile['cpu_ops_per_step']:.0f} CPU ops and "
                      f"{profile['kernels_per_step'] or 0:.0f} kernels per step, device busy "
                      f"{'n/a (CPU)' if busy is None else f'{100 * busy:.0f}%'}, CPU op time "
                      f"{1000 * profile['cpu_op_time_per_step_s']:.1f} ms/step", {}))
-    elif "error" in diagnosis:
-        rows.append(("diagnosis (profile, batch sweep, loss)", diagnosis))
-    for batch, row in diagnosis.get("batch_sweep", {}).items():
+    elif "profile" in report:
+        rows.append(("profile", report["profile"]))
+    sweep = report.get("sweep", {}).get("batch", {})
+    for batch, row in sweep.get("batches", {}).items():
         rows.append((f"step at batch {batch} (median of {len(row['repeats_s'])})", row))
-    loss = diagnosis.get("loss")
-    if loss:
+    if "error" in sweep or "skipped" in sweep:
+        rows.append(("batch sweep", sweep))
+    loss = report.get("loss", {})
+    if "configured" in loss:
         rows.append((f"loss fwd+bwd at batch {loss['batch']}: configured {loss['configured']['class'].split('.')[-1]}"
                      f" {loss['configured']['ms_per_call']:.1f} ms, smp one-hot Dice "
                      f"{loss['smp_dice_one_hot']['ms_per_call']:.1f} ms", {}))
-    for name, row in report.get("variants", {}).items():
-        rows.append((f"step variant {name}", row))
+    elif loss:
+        rows.append(("loss timing", loss))
     for name, run in report.get("runs", {}).items():
         if "error" in run or "skipped" in run:
             rows.append((f"train.py run {name}", run))

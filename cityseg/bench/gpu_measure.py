@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import sys
 import time
 import warnings
@@ -11,10 +12,11 @@ import torch
 
 from cityseg.observe.flops import device_name
 
-STEP_VARIANTS = {  # name: (mixed precision, channels_last, compile)
-    "fp32": ("no", False, False), "bf16": ("bf16", False, False), "bf16_channels_last": ("bf16", True, False),
-    "bf16_channels_last_compile": ("bf16", True, True), "fp16_grad_scaler": ("fp16", False, False),
+STEP_VARIANTS = {  # the eager precisions the proof times (--precisions: all; else the first)
+    "bf16_channels_last": {"precision": "bf16", "channels_last": True}, "fp32": {"precision": "no"},
+    "bf16": {"precision": "bf16"}, "fp16_grad_scaler": {"precision": "fp16"},
 }
+CUDA_ONLY_MODES = ("max-autotune-no-cudagraphs", "reduce-overhead")  # inductor's GPU code paths
 
 
 # ---- in a child: the training step of one precision variant, on device-resident synthetic batches
@@ -39,11 +41,11 @@ def count_syncs(step, repeats: int) -> int | None:
     return -(-len(messages) // repeats)  # rounded up: one sync in any of the steps counts
 
 
-def build_step(cfg, batch: int, channels_last: bool, compile_mode: str | None = None,
-               backend: str = "inductor") -> dict:
+def build_step(cfg, batch: int, channels_last: bool, compile_mode: str | None = None) -> dict:
     """train.py's step (train_step on the parts build_training makes) on one device-resident synthetic batch:
     {"step": a no-argument step, "stats", "optimizer", "loss_fn", ...}. channels_last and compile_mode set
-    train.channels_last and train.compile (model and loss, in that torch.compile mode); compile_mode None: eager."""
+    train.channels_last and train.compile (the model and the loss in that torch.compile mode; None: eager). On a
+    CPU the compile backend is "eager": the same tracing without inductor's C++ build (minutes per graph there)."""
     from cityseg.distributed.runtime import make_accelerator
     from cityseg.labels import num_classes
     from cityseg.model.build import unwrap_for_eval
@@ -52,12 +54,12 @@ def build_step(cfg, batch: int, channels_last: bool, compile_mode: str | None = 
     from cityseg.train.step import StepStats, train_step
 
     cfg = copy.deepcopy(cfg)
-    cfg.train.channels_last, cfg.train.compile = channels_last, compile_mode is not None
+    cfg.train.channels_last, cfg.train.compile = channels_last, compile_mode or False
     accelerator = make_accelerator(cfg)
     device, classes = accelerator.device, num_classes(cfg.data.label_scheme)
     torch.manual_seed(0)
-    options = {"backend": backend, **({"mode": compile_mode} if backend == "inductor" else {})}
-    training = build_training(cfg, accelerator, classes, compile_options=options)
+    backend = "inductor" if device.type == "cuda" else "eager"
+    training = build_training(cfg, accelerator, classes, compile_options={"backend": backend})
     flops = train_flops_per_image(unwrap_for_eval(accelerator, training.model), cfg.data.image_size)
     stats = StepStats(device)
     height, width = cfg.data.image_size
@@ -70,23 +72,31 @@ def build_step(cfg, batch: int, channels_last: bool, compile_mode: str | None = 
         train_step(accelerator, training.model, training.optimizer, training.loss_fn, images, masks,
                    training.schedule.lr(0), cfg.optim.grad_clip, stats, 0)
 
-    return {"step": step, "stats": stats, "device": device, "flops": flops, "model": training.model,
+    return {"step": step, "stats": stats, "device": device, "flops": flops, "model": training.model, "backend":
+            backend if compile_mode else None,
             "optimizer": training.optimizer, "loss_fn": training.loss_fn, "images": images, "masks": masks,
             "classes": classes}
 
 
-def step_child(cfg_path: str, variant: str, steps: int, warmup: int) -> dict:
+def step_child(cfg_path: str, variant: dict, steps: int, warmup: int) -> dict:
+    """The step of one variant: {"precision", "channels_last", "compile" (a train.compile mode or None), "batch"
+    (None: the config's), "pad_classes_to"}, timed after `warmup` steps; on CUDA its syncs and peak memory, and under
+    reduce-overhead whether inductor captured CUDA graphs or skipped them (its cudagraph_skips counter)."""
+    from torch._dynamo.utils import counters
+
     from cityseg.config.load import load_config
     from cityseg.observe.flops import peak_flops
 
-    precision, channels_last, compiled = STEP_VARIANTS[variant]
-    cfg = load_config(cfg_path, [f"train.mixed_precision='{precision}'"])  # quoted: YAML reads no as false
-    built = build_step(cfg, cfg.data.batch_size, channels_last, "default" if compiled else None)
+    precision = variant.get("precision", "no")
+    cfg = load_config(cfg_path, [f"train.mixed_precision='{precision}'",  # quoted: YAML reads no as false
+                                 f"model.pad_classes_to={variant.get('pad_classes_to', 0)}"])
+    batch = variant.get("batch") or cfg.data.batch_size
+    built = build_step(cfg, batch, variant.get("channels_last", False), variant.get("compile"))
     step, stats, device, flops = built["step"], built["stats"], built["device"], built["flops"]
     started = time.perf_counter()
     for _ in range(warmup):
         step()
-    stats.take()  # waits for the warm-up (compilation, cuDNN autotuning)
+    stats.take()  # waits for the warm-up (compilation, cuDNN autotuning, CUDA graph capture)
     warmup_s = time.perf_counter() - started
     syncs = count_syncs(step, repeats=3)
     if device.type == "cuda":
@@ -98,11 +108,33 @@ def step_child(cfg_path: str, variant: str, steps: int, warmup: int) -> dict:
     loss = stats.take()["loss"]  # the only host read: after the timed steps
     seconds = (time.perf_counter() - started) / steps
     peak, peak_name = peak_flops(device, precision)
-    images_per_s = cfg.data.batch_size / seconds
-    return {"variant": variant, "step_s": seconds, "images_per_s": images_per_s, "warmup_s": warmup_s,
+    images_per_s = batch / seconds
+    graphs = {key: value for key, value in counters["inductor"].items() if "cudagraph" in key}
+    return {**variant, "step_s": seconds, "images_per_s": images_per_s, "warmup_s": warmup_s,
             "mfu": flops * images_per_s / peak if peak else None, "peak": peak_name, "gflop_per_image": flops / 1e9,
-            "syncs_per_step": syncs, "loss": loss, "batch": cfg.data.batch_size, "device": device_name(device),
-            **memory(device)}
+            "syncs_per_step": syncs, "loss": loss, "batch": batch, "device": device_name(device),
+            "compile_backend": built["backend"], "inductor_cudagraph_counters": graphs,
+            "cuda_graphs_captured": cuda_graphs_captured(variant.get("compile"), device, graphs), **memory(device)}
+
+
+def cuda_graphs_captured(mode: str | None, device: torch.device, graph_counters: dict) -> bool | None:
+    """Under reduce-overhead on CUDA: True when inductor skipped no graph (cudagraph_skips stays 0), else False."""
+    if mode != "reduce-overhead" or device.type != "cuda":
+        return None
+    return graph_counters.get("cudagraph_skips", 0) == 0
+
+
+def cuda_child() -> dict:
+    """A real kernel on the GPU and back, and what the GPU is: the proof's first section, seconds long."""
+    if not torch.cuda.is_available():
+        raise RuntimeError("torch.cuda.is_available() is False")
+    a = torch.randn(1024, 1024, device="cuda")
+    checksum = float((a @ a).sum().item())  # launches, syncs and copies back: CUDA works end to end
+    props = torch.cuda.get_device_properties(0)
+    return {"gpu": torch.cuda.get_device_name(0), "capability": list(torch.cuda.get_device_capability(0)),
+            "memory_gb": props.total_memory / 2**30, "sms": props.multi_processor_count,
+            "cudnn": torch.backends.cudnn.version(), "cuda_runtime": torch.version.cuda, "checksum_finite":
+            math.isfinite(checksum), "devices": torch.cuda.device_count()}
 
 
 def loop_child(cfg_path: str, steps: int, window: int = 0) -> dict:

@@ -28,9 +28,10 @@ def _coerce(key: str, value, hint):
         if value is None:
             return None
         return _coerce(key, value, next(a for a in args if a is not type(None)))
-    if origin is Literal:
-        if value not in args:
-            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, args))}")
+    if origin is Literal:  # by type too: 1 is not true (train.compile), true is not 1 (model.aspp_project_kernel)
+        if not any(value == allowed and type(value) is type(allowed) for allowed in args):
+            spelled = (str(a).lower() if isinstance(a, bool) else str(a) for a in args)  # as YAML writes them
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(spelled)}")
         return value
     if origin is list:
         if not isinstance(value, list):

@@ -10,6 +10,17 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 RETIRED = {"train.reference_world_size": "replaced by train.reference_global_batch and optim.lr_scaling"}
 
 
+COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "reduce-overhead")  # reduce-overhead: CUDA graphs
+
+
+def compile_mode(train_cfg) -> str | None:
+    """train.compile as a torch.compile mode: None (eager), true -> "default" (what old configs mean), or the mode."""
+    value = train_cfg.compile
+    if value is False:
+        return None
+    return "default" if value is True else value
+
+
 class ConfigError(ValueError):
     """A one-line, user-facing problem with a config file or override (the CLI exits 2 on it)."""
 
@@ -61,6 +72,7 @@ class ModelConfig:
     decoder_atrous_rates: Optional[list[int]] = None  # smp DeepLabV3/V3+ ASPP dilations; null = smp's default
     aspp_project_kernel: Literal[1, 3] = 1  # DeepLabV3/V3+ ASPP projection: 1 = smp's, 3 = mmseg's bottleneck
     aux_head: bool = False  # an FCN head on the encoder's next-to-last stage, trained with loss.aux_weight
+    pad_classes_to: int = field(default=0, metadata=_range(0))  # class head computes this many channels; 0 = off
 
 
 @dataclass
@@ -103,7 +115,8 @@ class TrainConfig:
     preempt_signals: list[str] = field(default_factory=lambda: ["SIGUSR1", "SIGTERM"])
     stop_vote_s: float = field(default=1.0, metadata=_range(0.0))  # seconds between asynchronous stop votes
     channels_last: bool = False
-    compile: bool = False
+    # torch.compile of the model and the loss: false | true (= "default") | a mode name (COMPILE_MODES)
+    compile: Literal[False, True, "default", "max-autotune-no-cudagraphs", "reduce-overhead"] = False
     log_every: int = field(default=10, metadata=_range(1))
     eval_every_epochs: int = field(default=1, metadata=_range(1))
     on_nan: Literal["error", "skip"] = "error"

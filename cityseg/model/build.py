@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 from timm.layers import convert_sync_batchnorm as timm_convert_sync_batchnorm
 
-from cityseg.model.heads import WithAuxHead, use_3x3_aspp_project
+from cityseg.model.heads import WithAuxHead, pad_class_head, use_3x3_aspp_project
 
 
 class ModelError(ValueError):
@@ -17,7 +17,8 @@ class ModelError(ValueError):
 
 def build_model(model_cfg, num_classes: int) -> torch.nn.Module:
     """smp.<arch>(encoder, classes, decoder options); encoder weights from the local cache or a local file, never
-    silently random; then the mmseg pieces the config asks for (3x3 ASPP bottleneck, auxiliary FCN head)."""
+    silently random; then the mmseg pieces the config asks for (3x3 ASPP bottleneck, auxiliary FCN head) and the
+    padded class head (model.pad_classes_to)."""
     weights = model_cfg.encoder_weights
     from_file = weights is not None and weights not in ("imagenet",) and (Path(weights).suffix or "/" in weights)
     options = {key: getattr(model_cfg, key) for key in ("encoder_output_stride", "decoder_channels",
@@ -45,6 +46,14 @@ def build_model(model_cfg, num_classes: int) -> torch.nn.Module:
         if not hasattr(getattr(model, "decoder", None), "aspp"):
             raise ModelError(f"model.aspp_project_kernel: {model_cfg.arch} has no ASPP (DeepLabV3 / DeepLabV3Plus)")
         use_3x3_aspp_project(model)
+    if model_cfg.pad_classes_to and model_cfg.pad_classes_to != num_classes:
+        if model_cfg.pad_classes_to < num_classes:
+            raise ModelError(f"model.pad_classes_to: {model_cfg.pad_classes_to} is fewer than the {num_classes} "
+                             "classes (0 = no padding, or e.g. 24 / 32)")
+        try:
+            pad_class_head(model, num_classes, model_cfg.pad_classes_to)
+        except TypeError as err:
+            raise ModelError(f"model.pad_classes_to: {err}") from None
     return WithAuxHead(model, num_classes) if model_cfg.aux_head else model
 
 

@@ -1,4 +1,4 @@
-"""Pieces beside smp's models that match mmsegmentation's: the auxiliary FCN head and the 3x3 ASPP bottleneck."""
+"""Pieces beside smp's models: mmsegmentation's auxiliary FCN head and 3x3 ASPP bottleneck, the padded class head."""
 from __future__ import annotations
 
 import torch
@@ -43,3 +43,42 @@ def use_3x3_aspp_project(model: nn.Module) -> None:
     old = project[0]
     project[0] = nn.Conv2d(old.in_channels, old.out_channels, 3, padding=1, bias=False)
 
+
+
+class PaddedClassConv(nn.Conv2d):
+    """The class head's convolution with `padded_to` output channels: the num_classes real filters, then zero
+    filters made on the fly. Its parameters (and so every checkpoint and weights file) are the unpadded conv's."""
+
+    def __init__(self, conv: nn.Conv2d, padded_to: int):
+        super().__init__(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                         conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode)
+        self.load_state_dict(conv.state_dict())
+        self.padded_to = padded_to
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        extra = self.padded_to - self.out_channels
+        weight = F.pad(self.weight, (0, 0, 0, 0, 0, 0, 0, extra))  # [out, in, kh, kw]: zero filters appended
+        bias = None if self.bias is None else F.pad(self.bias, (0, extra))
+        return self._conv_forward(features, weight, bias)
+
+
+class KeepClasses(nn.Module):
+    """The real classes' channels of padded logits: what the loss, the metrics and inference see."""
+
+    def __init__(self, num_classes: int):
+        super().__init__()
+        self.num_classes = num_classes
+
+    def forward(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits[:, :self.num_classes]
+
+
+def pad_class_head(model: nn.Module, num_classes: int, padded_to: int) -> None:
+    """model.pad_classes_to: smp's segmentation head (conv, upsampling, activation) computes padded_to channels
+    (a multiple of 8 suits tensor cores; 19 does not) and hands on the first num_classes, so the logits, the loss
+    and the state dict are those of the unpadded model."""
+    head = getattr(model, "segmentation_head", None)
+    if not isinstance(head, nn.Sequential) or not isinstance(head[0], nn.Conv2d):
+        raise TypeError(f"{type(model).__name__} has no smp segmentation head (a conv first) to pad")
+    head[0] = PaddedClassConv(head[0], padded_to)
+    head.append(KeepClasses(num_classes))  # no parameters: the state dict keys stay segmentation_head.0.*

@@ -19,7 +19,8 @@ from cityseg.train.optim import Schedule
 # saved and tracked. Any key not matched here or below refuses a resume, so a key added later is safe by default.
 ALLOWED = (
     "name", "output_dir", "data.root", "data.num_workers", "data.val_batch_size", "data.val_split", "data.on_bad_sample",
-    "data.cache.dir", "train.resume", "train.preempt_signals", "train.channels_last", "train.compile",
+    "data.cache.dir", "model.pad_classes_to", "train.resume", "train.preempt_signals", "train.channels_last",
+    "train.compile",
     "train.log_every", "train.eval_every_epochs", "train.eval_every_steps", "train.on_nan", "checkpoint.", "eval.", "dist.", "tracking.",
 )
 # May grow (the run trains on), never shrink (a shorter schedule is another run); None means no limit.

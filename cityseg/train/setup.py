@@ -12,6 +12,7 @@ from accelerate.utils import set_seed
 
 from cityseg import checkpoint
 from cityseg.config.load import save_config
+from cityseg.config.schema import compile_mode
 from cityseg.data.loaders import eval_dataset, eval_loader, train_dataset, train_stream
 from cityseg.data.normalization import resolve_normalization
 from cityseg.data.transforms import padding_note
@@ -89,7 +90,7 @@ def build_training(cfg, accelerator, num_classes: int, train_set=None,
     """Every part of a training step, built and prepared in the order resuming relies on (the RNG draws).
 
     train_set None: no loader, the caller feeds its own batches (the benchmarks' synthetic ones). compile_options:
-    torch.compile's arguments under train.compile (the GPU proof's modes and backends); None: its defaults."""
+    more torch.compile arguments under train.compile (the GPU proof's CPU backend); None: inductor."""
     model = prepare_model(cfg.model, cfg.train, accelerator, num_classes)
     check_train_shape(cfg.data, model, cfg.model)  # smp would refuse the first batch with a traceback
     optimizer = build_optimizer(model, cfg.optim)
@@ -99,14 +100,21 @@ def build_training(cfg, accelerator, num_classes: int, train_set=None,
         cfg.data, train_set, accelerator, seed=cfg.seed, epochs=cfg.train.epochs,
         preempt_signals=cfg.train.preempt_signals)
     ema = attach_ema(accelerator, accelerator.unwrap_model(model), cfg.train.ema_decay)  # before any load_state
-    if cfg.train.compile:
-        model = torch.compile(model, **(compile_options or {}))
     loss_fn = build_loss(cfg.loss, num_classes).to(accelerator.device)
-    if cfg.train.compile:  # the loss too: its softmax, per-class sums and their backward fuse in its own graph
-        loss_fn = torch.compile(loss_fn, **(compile_options or {}))
+    mode = compile_mode(cfg.train)
+    if mode is not None:  # the loss too: its softmax, per-class sums and their backward fuse in its own graph
+        model, loss_fn = (compile_module(part, mode, compile_options) for part in (model, loss_fn))
     steps_per_epoch, total_steps = run_length(cfg.train, loader)
     schedule = Schedule.for_run(cfg, accelerator.num_processes, total_steps)
     return Training(model, optimizer, loss_fn, schedule, loader, steps_per_epoch, ema)
+
+
+def compile_module(module: torch.nn.Module, mode: str, options: dict | None) -> torch.nn.Module:
+    """torch.compile in train.compile's mode; a backend other than inductor (options["backend"]) takes no mode."""
+    options = dict(options or {})
+    if options.get("backend", "inductor") == "inductor":
+        options["mode"] = mode
+    return torch.compile(module, **options)
 
 
 @dataclass

@@ -2,12 +2,14 @@
 state bit-identical), counters read late are exact, runs log their speed, persistent workers follow the epoch."""
 import json
 import os
+import time
 
 import numpy as np
 import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from cityseg.bench import gpu_proof
 from cityseg.config.schema import Config
 from cityseg.data.cityscapes import CityscapesPairs, collate, find_pairs
 from cityseg.data.loaders import worker_kwargs
@@ -102,27 +104,90 @@ def test_peak_table_names_common_gpus_and_no_mfu_on_cpu():
     assert peak_flops(torch.device("cpu"), "bf16")[0] is None
 
 
+def test_full_proof_without_cuda_stops_at_once_in_one_line_with_the_machine_recorded(tmp_path, capsys):
+    started = time.monotonic()
+    code = gpu_proof.main(["--work", str(tmp_path / "work"), "--json", str(tmp_path / "proof.json")])
+    assert code == 2 and time.monotonic() - started < 30  # no section started: nothing ran at full size on the CPU
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("gpu_proof: no working CUDA (torch.cuda.is_available() is False"), line
+    report = json.loads((tmp_path / "proof.json").read_text())
+    assert report["cuda"] == {"error": "torch.cuda.is_available() is False"} and report["order"] == []
+    machine = report["machine"]
+    assert {"torch", "cuda_build", "cudnn", "driver", "smp", "timm"} <= set(machine), machine
+    assert machine["torch"] == torch.__version__ and machine["timm"] and machine["smp"]
+
+
+def test_proof_refuses_a_report_inside_its_work_folder(tmp_path, capsys):
+    code = gpu_proof.main(["--quick", "--work", str(tmp_path), "--json", str(tmp_path / "sub" / "proof.json")])
+    assert code == 2 and not (tmp_path / "sub").exists()
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "is inside --work" in line and "--json" in line
+
+
+@pytest.mark.slow
+def test_quick_proof_keeps_every_other_section_when_two_are_killed(tmp_path):
+    """The step sections of the quick proof, in order, with one section made to hang and one to crash on purpose:
+    the hung one is stopped at its share of the deadline, and every other section's result is in the JSON."""
+    report_path = tmp_path / "proof.json"
+    result = run(["bash", "bench/gpu_proof.sh", "--quick", "--work", tmp_path / "work", "--json", report_path,
+                  "--only", "cuda,steps,profile,compile,sweep", "--fault", "profile=hang",
+                  "--fault", "sweep.pad_classes_24=crash", "--deadline", "400"], timeout=600)
+    assert result.returncode == 1, (result.stdout + result.stderr)[-4000:]
+    report = json.loads(report_path.read_text())
+    assert report["order"] == ["cuda", "steps.fp32", "profile", "compile.default", "compile.reduce_overhead",
+                               "compile.max_autotune_no_cudagraphs", "sweep.batch", "sweep.pad_classes_24",
+                               "sweep.pad_classes_32", "sweep.pad_classes_32_compile"]
+    assert report["profile"]["timed_out"] and "the section's cap" in report["profile"]["error"], report["profile"]
+    assert "fault injected" in report["sweep"]["pad_classes_24"]["error"]
+    step = report["steps"]["fp32"]
+    assert step["images_per_s"] > 0 and step["syncs_per_step"] is None and step["precision"] == "no"
+    assert list(report["sweep"]["batch"]["batches"]) == ["2", "4"]
+    assert report["sweep"]["pad_classes_32"]["pad_classes_to"] == 32 and report["sweep"]["pad_classes_32"]["loss"] > 0
+    compiled = report["sweep"]["pad_classes_32_compile"]
+    assert compiled["compile_backend"] == "eager" and compiled["images_per_s"] > 0, compiled  # traced on CPU
+    for name in ("reduce_overhead", "max_autotune_no_cudagraphs"):
+        assert report["compile"][name] == {"skipped": "skipped: needs CUDA"}
+    assert report["cuda"]["skipped"].startswith("no CUDA")
+    logs = sorted(os.listdir(tmp_path / "work" / "logs"))
+    assert len(logs) == 7 and logs[0].startswith("02_steps.fp32"), logs  # one per section that ran a child
+    best = report["verdict"]["best_step"]
+    assert best["images_per_s"] == max(row["images_per_s"] for row in all_steps(report)), best
+    assert report["compile"]["default"]["compile_backend"] == "eager"
+    assert "gpu_proof: failed sections: profile, sweep.pad_classes_24" in result.stderr
+
+
+def all_steps(report: dict) -> list[dict]:
+    rows = [*report["steps"].values(), *report["compile"].values(), *report["sweep"]["batch"]["batches"].values()]
+    rows += [row for name, row in report["sweep"].items() if name != "batch"]
+    return [row for row in rows if row.get("images_per_s")]
+
+
 @pytest.mark.slow
 def test_gpu_proof_quick_runs_every_stage_on_cpu(tmp_path):
-    result = run(["bash", "bench/gpu_proof.sh", "--quick", "--work", tmp_path / "proof"], timeout=1500)
+    report_path = tmp_path / "proof.json"
+    result = run(["bash", "bench/gpu_proof.sh", "--quick", "--work", tmp_path / "proof", "--json", report_path,
+                  "--only", "steps,profile,data,cache,epoch_data,epoch_cache,loop_syncs,runs,loaders,"
+                  "full_resolution_eval,loss"], timeout=1500)
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
-    report = json.loads((tmp_path / "proof" / "gpu_proof.json").read_text())
-    assert report["data"]["train"] == 16 and report["cache"]["seconds"] > 0
-    assert report["steps"]["fp32"]["images_per_s"] > 0 and report["steps"]["fp32"]["syncs_per_step"] is None
+    report = json.loads(report_path.read_text())
+    assert report["data"]["train"] == 16 and report["cache"]["section_s"] > 0
+    assert report["steps"]["fp32"]["images_per_s"] > 0
     for name in ("cached_device_augment", "cached_cpu_augment", "uncached"):
         loader = report["loaders"][name]
         assert loader["images_per_s"] > 0 and 0 <= loader["data_wait_last_epoch"] <= 1, loader
     assert len(report["loaders"]["cached_device_augment"]["mIoU"]) == 2
     assert report["full_resolution_eval"]["images_per_s"] > 0
-    assert set(report["verdict"]) == {"zero_syncs_per_step", "bf16_2000_img_s", "data_wait_under_5pct",
-                                      "miou_rises"}
+    assert set(report["verdict"]) == {"zero_syncs_per_step", "best_step", "best_step_2000_img_s",
+                                      "data_wait_under_5pct", "miou_rises"}
     assert "cityseg GPU proof on cpu" in result.stdout
-    check_diagnosis(report)
+    check_profile(report["profile"])
+    loss = report["loss"]
+    assert loss["configured"]["loss.name"] == "dice" and loss["configured"]["class"] == "cityseg.train.losses.DiceLoss"
+    assert loss["configured"]["ms_per_call"] > 0 and loss["smp_dice_one_hot"]["ms_per_call"] > 0
+    check_runs(report)
 
 
-def check_diagnosis(report: dict) -> None:
-    """The diagnosis sections of the quick proof (tiny sizes, CPU): each ran and says what it measured."""
-    diagnosis = report["diagnosis"]
+def check_profile(diagnosis: dict) -> None:
     profile = diagnosis["profile"]
     assert profile["steps"] == 5 and profile["cpu_ops_per_step"] > 0 and profile["cpu_op_time_per_step_s"] > 0
     assert profile["kernels_per_step"] is None and profile["device_busy_share"] is None  # no device timeline
@@ -130,18 +195,10 @@ def check_diagnosis(report: dict) -> None:
     assert 1 <= len(top) <= 20 and sum(op["share"] for op in top) <= 1 + 1e-9, top
     assert [op["ms_per_step"] for op in top] == sorted((op["ms_per_step"] for op in top), reverse=True)
     assert diagnosis["unprofiled"]["wall_s_per_step"] >= diagnosis["unprofiled"]["host_s_per_step"] > 0
-    assert list(diagnosis["batch_sweep"]) == ["2", "4"]
-    for row in diagnosis["batch_sweep"].values():
-        assert len(row["repeats_s"]) == 3 and row["images_per_s"] > 0, row
-    loss = diagnosis["loss"]
-    assert loss["configured"]["loss.name"] == "dice" and loss["configured"]["class"] == "cityseg.train.losses.DiceLoss"
-    assert loss["configured"]["ms_per_call"] > 0 and loss["smp_dice_one_hot"]["ms_per_call"] > 0
-    variants = report["variants"]
-    assert variants["compile_model_and_loss"]["backend"] == "eager", variants  # traced, no code generated on CPU
-    assert variants["compile_model_and_loss"]["compiled"] == ["model", "loss"]
-    assert variants["compile_model_and_loss"]["images_per_s"] > 0
-    for name in ("max_autotune_no_cudagraphs", "cuda_graphs"):
-        assert variants[name]["skipped"] == "skipped: needs CUDA", variants[name]
+
+
+def check_runs(report: dict) -> None:
+    """The loop and whole-run sections of the quick proof (tiny sizes, CPU): each ran and says what it measured."""
     assert report["loop_syncs"]["window_steps"] == 2 and report["loop_syncs"]["syncs_per_window"] is None
     assert report["epoch_data"]["epoch"] == {"train": 24, "val": 8}
     for name, steps_per_epoch in (("epoch", 6), ("gpu_share", 2)):

@@ -164,7 +164,7 @@ def render_type(hint) -> str:
     if origin is typing.Union and type(None) in args:
         return f"{render_type(next(a for a in args if a is not type(None)))} or null"
     if origin is typing.Literal:
-        return " / ".join(str(a) for a in args)
+        return " / ".join(render_value(a) for a in args)  # as YAML spells them: false / true / default
     if origin is list:
         return f"list[{render_type(args[0])}]"
     return getattr(hint, "__name__", str(hint))

@@ -1,8 +1,9 @@
 """Config loading: YAML + overrides, and every user error as one line, exit 2, no traceback."""
 import pytest
+import yaml
 
 from cityseg.config.load import load_config
-from cityseg.config.schema import ConfigError
+from cityseg.config.schema import ConfigError, compile_mode
 from tests.helpers.process import cityseg
 
 
@@ -34,6 +35,10 @@ def test_seed_config_is_the_blog_recipe():
     ("data.batch_size=true", "data.batch_size: expected int, got bool True"),
     ("train.epochs=false", "train.epochs: expected int, got bool False"),
     ("optim.lr=true", "optim.lr: expected float, got bool True"),
+    ("train.compile=fast", ("train.compile: 'fast' is not one of false, true, default, max-autotune-no-cudagraphs, "
+                            "reduce-overhead")),
+    ("train.compile=1", "train.compile: 1 is not one of false, true"),  # 1 == True in Python: not a mode
+    ("model.aspp_project_kernel=true", "model.aspp_project_kernel: True is not one of 1, 3"),
 ])
 def test_override_errors_name_the_key(override, message):
     with pytest.raises(ConfigError) as err:
@@ -68,3 +73,16 @@ def test_a_bool_for_an_int_key_in_yaml_is_one_line_naming_the_key(tmp_path, caps
     assert code == 2
     assert capsys.readouterr().err.strip().splitlines() == [
         f"error: {config}: data.batch_size: expected int, got bool True"]
+
+
+@pytest.mark.parametrize("written, mode", [(False, None), (True, "default"), ("default", "default"),
+                                           ("max-autotune-no-cudagraphs", "max-autotune-no-cudagraphs"),
+                                           ("reduce-overhead", "reduce-overhead")])
+def test_train_compile_reads_old_bools_and_mode_names(tmp_path, written, mode):
+    """A run directory's config.yaml from before the modes (compile: true / false) still loads and resumes:
+    true means torch.compile's default mode, as it always did."""
+    recorded = tmp_path / "config.yaml"
+    recorded.write_text(yaml.safe_dump({"name": "old", "train": {"compile": written}}))
+    cfg = load_config(recorded, recorded=True)
+    assert compile_mode(cfg.train) == mode
+    assert compile_mode(load_config(None, [f"train.compile={str(written).lower()}"]).train) == mode

@@ -5,6 +5,7 @@ from safetensors.torch import save_file
 
 from cityseg.config.load import load_config
 from cityseg.model.build import ModelError, build_model
+from cityseg.train.losses import build_loss
 from tests.helpers.files import CodeOnLoad
 
 
@@ -40,3 +41,42 @@ def test_a_weights_file_whose_pickle_runs_code_is_refused_without_running_it(tmp
     with pytest.raises(ModelError, match=r"model.encoder_weights: cannot read .*hostile.pth: UnpicklingError"):
         build_model(cfg.model, 19)
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("padded_to, aux_head", [(24, False), (32, True)])
+def test_padded_class_head_gives_the_same_logits_loss_gradients_and_weights(padded_to, aux_head):
+    """model.pad_classes_to: the head computes padded_to channels, the real 19 go on; with the same weights the
+    logits, the loss and every gradient are those of the unpadded model, and the weights files are interchangeable."""
+    cfg = load_config("configs/demo.yaml", [f"model.aux_head={str(aux_head).lower()}"])
+    plain = build_model(cfg.model, 19)
+    cfg.model.pad_classes_to = padded_to
+    padded = build_model(cfg.model, 19)
+    assert {k: v.shape for k, v in padded.state_dict().items()} == {k: v.shape for k, v in plain.state_dict().items()}
+    padded.load_state_dict(plain.state_dict())  # strict: a checkpoint of either loads into the other
+    head_channels = []
+    padded.segmentation_head[0].register_forward_hook(lambda module, args, out: head_channels.append(out.shape[1]))
+    torch.manual_seed(0)
+    images, masks = torch.randn(2, 3, 32, 64), torch.randint(0, 19, (2, 32, 64))
+    loss_fn = build_loss(cfg.loss, 19)
+    results = []
+    for model in (plain, padded):
+        model.train()
+        torch.manual_seed(1)  # the same dropout mask in the auxiliary head
+        logits = model(images)
+        loss = loss_fn(logits, masks)
+        loss.backward()
+        main = logits[0] if aux_head else logits
+        results.append((main.detach(), loss.detach(), {name: p.grad for name, p in model.named_parameters()}))
+        model.eval()
+        assert model(images).shape == (2, 19, 32, 64)  # evaluation, predict and export see 19 classes
+    assert head_channels[0] == padded_to  # the conv really computed the padded channels
+    (plain_logits, plain_loss, plain_grads), (padded_logits, padded_loss, padded_grads) = results
+    assert padded_logits.shape[1] == 19 and torch.equal(padded_logits, plain_logits)
+    assert torch.equal(padded_loss, plain_loss)
+    assert all(torch.equal(padded_grads[name], grad) for name, grad in plain_grads.items())
+
+
+def test_padding_below_the_class_count_is_one_line():
+    cfg = load_config("configs/demo.yaml", ["model.pad_classes_to=16"])
+    with pytest.raises(ModelError, match=r"^model.pad_classes_to: 16 is fewer than the 19 classes"):
+        build_model(cfg.model, 19)

@@ -6,8 +6,9 @@ from torch._dynamo.eval_frame import OptimizedModule
 
 from cityseg.config.load import load_config
 from cityseg.config.schema import LossConfig
+from cityseg.distributed.runtime import make_accelerator
 from cityseg.train.losses import DiceCELoss, build_loss
-from cityseg.train.setup import setup
+from cityseg.train.setup import build_training, setup
 from tests.helpers.runs import tiny_overrides
 
 
@@ -20,6 +21,18 @@ def test_train_compile_wraps_model_and_loss(synth_root, tmp_path, compiled):
     assert isinstance(run.loss_fn, OptimizedModule) is compiled
     loss = run.loss_fn._orig_mod if compiled else run.loss_fn
     assert isinstance(loss.loss, DiceCELoss)  # the demo's loss.name: dice+ce, inside OutputLoss
+
+
+@pytest.mark.parametrize("written, cudagraphs, autotune", [("true", False, False), ("reduce-overhead", True, False),
+                                                           ("max-autotune-no-cudagraphs", False, True)])
+def test_train_compile_mode_reaches_torch_compile(written, cudagraphs, autotune):
+    """build_training hands train.compile's mode to torch.compile, for the model and the loss alike (what inductor
+    will do with it is the GPU proof's business: reduce-overhead captures CUDA graphs, max-autotune tunes)."""
+    cfg = load_config("configs/demo.yaml", [f"train.compile={written}"])
+    training = build_training(cfg, make_accelerator(cfg), 19)
+    for part in (training.model, training.loss_fn):
+        inductor = part.get_compiler_config()  # the inductor options torch.compile derived from the mode
+        assert (inductor["triton.cudagraphs"], inductor["max_autotune"]) == (cudagraphs, autotune), written
 
 
 @pytest.mark.parametrize("name", ["dice", "ce", "dice+ce", "weighted_ce"])

@@ -180,3 +180,10 @@ def test_a_finished_run_says_nothing_is_left_and_config_yaml_records_what_runs_n
         2, 2, False)
     assert [r["changes"] for r in read_jsonl(out / "config_changes.jsonl")][1:] == [
         ["data.batch_size 4 -> 2", "train.epochs 1 -> 2"]]  # against the checkpoint's own config (step 4's)
+
+
+def test_class_head_padding_may_change_on_resume():
+    """model.pad_classes_to keeps the weights the unpadded model's: a run may resume with it switched on or off."""
+    saved = to_dict(load_config("configs/demo.yaml"))
+    refused, allowed = compare(saved, to_dict(load_config("configs/demo.yaml", ["model.pad_classes_to=24"])))
+    assert refused == [] and [change.split()[0] for change in allowed] == ["model.pad_classes_to"], allowed
