@@ -7,6 +7,8 @@ import shlex
 import subprocess
 import sys
 
+import pytest
+
 from tests.helpers.cluster import REPO, final_step, job_log, tiny
 
 CONFIG = "configs/demo.yaml"
@@ -28,6 +30,19 @@ def test_submit_dry_run_prints_quoted_command_and_submits_nothing(cluster_data):
         f"data.root={cluster_data}", "data.batch_size=2", "train.mixed_precision=fp16", "train.max_steps=5",
         "tracking.wandb.tags=[a, b]"]
     assert "not submitted" in result.stdout
+
+
+@pytest.mark.slow
+def test_submit_preflights_the_world_of_all_nodes_times_gpus(cluster_data):
+    """2 nodes x 4 GPUs is 8 processes: a batch of 8 fits 2 processes' share of 32 images (16) but not 8's (4)."""
+    cmd = [sys.executable, "launch/submit.py", "--config", CONFIG, "--nodes", "2", "--gpus-per-node", "4",
+           "--dry-run", f"data.root={cluster_data}", "data.batch_size=8"]
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0, result.stdout
+    assert "data.batch_size: 8 is larger than each process's share of the training set (32 samples / 8 processes = 4)" \
+        in result.stderr, result.stderr
+    assert "--world-size 8" in result.stderr.splitlines()[-1] and "nothing submitted" in result.stderr
+    assert "sbatch" not in result.stdout
 
 
 def test_submit_rejects_a_config_typo_before_the_queue():
