@@ -4,10 +4,10 @@ import re
 import statistics
 import time
 
-from cityseg.data.synthetic import write_synthetic
 import pytest
 import torch
 
+from cityseg.data.synthetic import write_synthetic
 from cityseg.observe.speed import DataWait, Speedometer
 from tests.helpers.process import PYTHON, run
 from tests.helpers.runs import read_jsonl, tiny_overrides
