@@ -19,6 +19,7 @@ from cityseg.config.load import load_config  # noqa: E402
 from cityseg.config.schema import ConfigError  # noqa: E402
 
 TRAIN_SCRIPT = "slurm/train.sh"
+SLURM_TIMEOUT_S = 120  # a hung slurmctld gets an error, not a silent wait
 LOG_DIR = "logs"  # matches --output/--error in the #SBATCH header of slurm/train.sh
 
 
@@ -149,9 +150,27 @@ def sbatch_command(args: argparse.Namespace, config: str, job_name: str) -> list
     return [*cmd, TRAIN_SCRIPT, "--config", config, *args.overrides]
 
 
+def sbatch(cmd: list[str]) -> str:
+    """Submit; the job id. A failed or unanswered sbatch exits with a one-line error (sbatch's exit status)."""
+    try:
+        result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=SLURM_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        print(f"error: sbatch gave no answer in {SLURM_TIMEOUT_S} s (slurmctld down?); check squeue before "
+              "submitting again", file=sys.stderr)
+        sys.exit(1)
+    if result.returncode != 0:
+        print(f"error: sbatch failed (exit {result.returncode}): {result.stderr.strip()}", file=sys.stderr)
+        sys.exit(result.returncode)
+    return result.stdout.strip().split(";")[0]
+
+
 def log_paths(job_id: str, job_name: str) -> tuple[str, str]:
     """Where SLURM says the job writes (it expands %x/%j); the header's pattern if it cannot say."""
-    shown = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True).stdout
+    try:
+        shown = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True,
+                               timeout=SLURM_TIMEOUT_S).stdout
+    except subprocess.TimeoutExpired:
+        shown = ""
     fields = dict(re.findall(r"(\w+)=(\S*)", shown))
     default = f"{LOG_DIR}/{job_name}-{job_id}"
     return fields.get("StdOut", f"{default}.out"), fields.get("StdErr", f"{default}.err")
@@ -177,11 +196,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     log_dir = Path(args.log_dir).resolve() if args.log_dir else REPO / LOG_DIR
     log_dir.mkdir(parents=True, exist_ok=True)  # sbatch would not create it
-    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
-    if result.returncode != 0:
-        print(f"error: sbatch failed (exit {result.returncode}): {result.stderr.strip()}", file=sys.stderr)
-        return result.returncode
-    job_id = result.stdout.strip().split(";")[0]
+    job_id = sbatch(cmd)
     out, err = log_paths(job_id, job_name)
     print(f"submitted job {job_id}")
     print(f"log: {out}  (stderr: {err})")
@@ -214,11 +229,7 @@ def submit_sweep(args, config: str, cfg, job_name: str, world_size: int, gpu: bo
         return 0
     log_dir.mkdir(parents=True, exist_ok=True)
     args.sweep_file.write_text("".join("\t".join(one["overrides"]) + "\n" for one in runs))
-    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
-    if result.returncode != 0:
-        print(f"error: sbatch failed (exit {result.returncode}): {result.stderr.strip()}", file=sys.stderr)
-        return result.returncode
-    job_id = result.stdout.strip().split(";")[0]
+    job_id = sbatch(cmd)
     print(f"submitted job array {job_id} ({len(runs)} tasks: {job_id}_0 ... {job_id}_{len(runs) - 1})")
     print(f"sweep file: {args.sweep_file}")
     print(f"runs: {Path(cfg.output_dir)}/<key=value_...>  (one output_dir per task)")

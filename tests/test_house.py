@@ -151,3 +151,19 @@ def test_the_checks_see_a_circle_and_an_upward_arrow():
     assert cycles({"a.py": {"b.py"}, "b.py": {"a.py"}, "c.py": set()}) == [["a.py", "b.py"]]
     assert floor_of("train/loop.py")[0] > floor_of("train/setup.py")[0] > floor_of("train/step.py")[0] \
         > floor_of("config/schema.py")[0]
+
+
+def untimed_waits(source: str) -> list[int]:
+    """Lines of `subprocess.run/call/check_call/check_output(...)` calls without a timeout= (a hung child hangs us)."""
+    waits = ("run", "call", "check_call", "check_output")
+    return [node.lineno for node in ast.walk(ast.parse(source))
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in waits
+            and isinstance(node.func.value, ast.Name) and node.func.value.id == "subprocess"
+            and not any(keyword.arg == "timeout" for keyword in node.keywords)]
+
+
+def test_every_subprocess_wait_has_a_timeout():
+    assert untimed_waits("import subprocess\nsubprocess.run(['ls'], timeout=5)\nsubprocess.run(\n  ['ls'])\n") == [3]
+    found = [f"{path.relative_to(REPO)}:{line}" for folder in ("cityseg", "launch", "tests")
+             for path in sorted((REPO / folder).rglob("*.py")) for line in untimed_waits(path.read_text())]
+    assert found == []

@@ -29,7 +29,8 @@ def test_interface_choice_ignores_default_route_and_honours_override(netcluster)
         return subprocess.run(["nsenter", f"--net=/run/netns/{netcluster.host(host)}", sys.executable, "-m",
                                "cityseg.distributed.netif", netcluster.host("h1")], capture_output=True, text=True,
                               timeout=60, cwd=REPO, env={**os.environ, **env})
-    routes = subprocess.run(["ip", "-n", netcluster.host("h2"), "route"], capture_output=True, text=True).stdout
+    routes = subprocess.run(["ip", "-n", netcluster.host("h2"), "route"], capture_output=True, text=True,
+                            timeout=30).stdout
     assert "default via 10.78.0.1 dev mgmt0" in routes  # the trap: the default route is the management net
     assert netif("h2").stdout.strip() == "eth0" and netif("h1").stdout.strip() == "eth0"
     assert netif("h2", CITYSEG_SOCKET_IFNAME="mgmt0").stdout.strip() == "mgmt0"

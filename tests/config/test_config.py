@@ -46,6 +46,20 @@ def test_override_errors_name_the_key(override, message):
     assert message in str(err.value)
 
 
+@pytest.mark.parametrize("value, message", [
+    ("[512]", "data.crop_size: expected two positive numbers [H, W], got [512]"),
+    ("[0,512]", "data.crop_size: expected two positive numbers [H, W], got [0, 512]"),
+    ("[512,-1]", "data.crop_size: expected two positive numbers [H, W], got [512, -1]"),
+    ("[512,512,512]", "data.crop_size: expected two positive numbers [H, W], got [512, 512, 512]"),
+    ("big", "data.crop_size: expected a list of int, got 'big'"),
+    ("[512,wide]", "data.crop_size[1]: expected int, got str 'wide'"),
+])
+def test_crop_size_is_two_positive_numbers(value, message):
+    with pytest.raises(ConfigError) as err:
+        load_config("configs/demo.yaml", [f"data.crop_size={value}"])
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
 def test_cli_errors_are_one_line_exit_2_no_traceback(tmp_path):
     broken = tmp_path / "broken.yaml"
     broken.write_text("name: x\ndata:\n  root: [unclosed\n  batch_size: 2\n")

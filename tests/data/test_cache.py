@@ -117,6 +117,24 @@ def test_changed_storage_size_or_scheme_or_missing_manifest_is_refused(synth_roo
         train_set(cfg)
 
 
+def test_prepare_interrupted_half_way_leaves_a_cache_that_is_refused(synth_root, tmp_path):
+    """A prepare that dies after writing some samples (here: the 9th source image is unreadable) leaves shards but
+    no manifest, so training refuses the half cache in one line instead of training on its unwritten zeros."""
+    root = tmp_path / "cs"
+    shutil.copytree(synth_root, root)
+    broken = sorted((root / "leftImg8bit" / "train").rglob("*.png"))[8]
+    broken.write_bytes(b"not a png")
+    cfg = config(root, tmp_path / "cache")
+    with pytest.raises(DataError, match=str(broken)):
+        prepare(cfg.data, ["train"], workers=1)
+    split_dir = tmp_path / "cache" / "train"
+    first_shard = np.load(split_dir / "images_000.npy", mmap_mode="r")
+    assert first_shard[0].any() and not first_shard[8:].any()  # stopped half-way: samples 0-7 written, the rest not
+    with pytest.raises(DataError, match="no cache here") as err:
+        train_set(cfg)
+    assert "\n" not in str(err.value) and "cityseg prepare" in str(err.value)
+
+
 def test_dataset_sent_to_workers_holds_paths_not_data(synth_root, cli_cache):
     cached = train_set(config(synth_root, cli_cache))
     cached[0]

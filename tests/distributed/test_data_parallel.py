@@ -60,7 +60,10 @@ def test_two_processes_train_and_only_the_main_one_reports(two_process_run):
     out, result = two_process_run
     metrics = read_jsonl(out / "metrics.jsonl")
     assert [(m["epoch"], m["step"]) for m in metrics] == [(1, 2), (2, 4)]  # one line per evaluation, not per rank
-    assert [r["step"] for r in read_jsonl(out / "train_log.jsonl")] == [1, 2, 3, 4]
+    records = read_jsonl(out / "train_log.jsonl")
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    for record in records:  # one step per window (log_every 1): images/s x s/step is the global batch of 2 x 4
+        assert record["images_per_s"] * record["step_time_s"] == pytest.approx(8), record
     assert (out / "model.safetensors").is_file()
     lines = result.stdout.splitlines()
     header = [line for line in lines if line.startswith("cityseg: ")]

@@ -96,3 +96,33 @@ def test_logits_at_network_size_upsampled_to_label_size(trained_model):
     assert logits.shape == (2, 19, 64, 128)
     labels = upsampled_argmax(logits, (128, 256))
     assert labels.shape == (2, 128, 256) and labels.max() < 19
+
+
+def test_full_resolution_labels_come_from_bilinear_logits_not_nearest():
+    """Two pixels of 3 classes upsampled 2 -> 4 wide. Half-pixel centres put the output pixels at input x = 0 (clamped),
+    0.25, 0.75 and 1 (clamped): 3/4 A + 1/4 B = [1.5, 0.5, 1.6] and 1/4 A + 3/4 B = [0.5, 1.5, 1.6] are class 2, which
+    neither pixel is; nearest would copy A, A, B, B (classes 0, 0, 1, 1)."""
+    pixel_a, pixel_b = [2.0, 0.0, 1.6], [0.0, 2.0, 1.6]
+    logits = torch.tensor([pixel_a, pixel_b]).T.reshape(1, 3, 1, 2)
+    assert upsampled_argmax(logits, (1, 4)).tolist() == [[[0, 2, 2, 1]]]
+
+
+def bilinear_reference(logits: np.ndarray, out_size) -> np.ndarray:
+    """Bilinear resize with half-pixel centres (cv2.INTER_LINEAR's, the training images'), written out per axis."""
+    def weights(out_len: int, in_len: int) -> np.ndarray:
+        matrix = np.zeros((out_len, in_len))
+        for dst in range(out_len):
+            src = max((dst + 0.5) * in_len / out_len - 0.5, 0.0)
+            low = int(src)
+            high = min(low + 1, in_len - 1)
+            matrix[dst, low] += 1 - (src - low)
+            matrix[dst, high] += src - low
+        return matrix
+    rows, cols = weights(out_size[0], logits.shape[-2]), weights(out_size[1], logits.shape[-1])
+    return np.einsum("yh,nchw,xw->ncyx", rows, logits, cols)
+
+
+def test_upsampled_argmax_equals_a_written_out_bilinear_resize():
+    logits = torch.randn(2, 4, 3, 5, generator=torch.Generator().manual_seed(0))
+    expected = bilinear_reference(logits.double().numpy(), (7, 11)).argmax(1)
+    np.testing.assert_array_equal(upsampled_argmax(logits, (7, 11)).numpy(), expected)

@@ -22,10 +22,9 @@ def create_venv() -> None:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if complete.is_file() and complete.read_text() == " ".join(PACKAGES):
             return
-        subprocess.run(["python3", "-m", "venv", "--clear",
-                        str(VENV)], check=True, capture_output=True)
+        subprocess.run(["python3", "-m", "venv", "--clear", str(VENV)], check=True, capture_output=True, timeout=300)
         install = subprocess.run([str(VENV / "bin" / "pip"), "install", "-q", "--no-deps", *PACKAGES],
-                                 capture_output=True, text=True)
+                                 capture_output=True, text=True, timeout=600)
         assert install.returncode == 0, f"cannot install the official evaluator: {install.stderr[-2000:]}"
         complete.write_text(" ".join(PACKAGES))
 

@@ -4,8 +4,11 @@ import re
 import statistics
 import time
 
+import pytest
+import torch
+
 from cityseg.data.synthetic import write_synthetic
-from cityseg.observe.speed import DataWait
+from cityseg.observe.speed import DataWait, Speedometer
 from tests.helpers.process import PYTHON, run
 from tests.helpers.runs import read_jsonl, tiny_overrides
 
@@ -46,3 +49,21 @@ def test_data_wait_counts_an_epoch_start():
     wait = DataWait()
     assert list(wait.timed(SlowStart())) == [1, 2, 3]
     assert wait.seconds >= 0.3
+
+
+def test_images_per_s_counts_every_process():
+    """Each rank adds its own batches; the figures are the whole run's: 2 ranks x 3 steps x 4 images in the time
+    this test measures around the window, and MFU per device (the run's FLOPs over 2 devices' peak)."""
+    started = time.perf_counter()
+    speed = Speedometer(torch.device("cpu"), world=2, flops_per_image=1e9, peak_flops=1e11)
+    for _ in range(3):
+        speed.add(4, step_done=True)
+    time.sleep(0.3)
+    record = speed.read(waited_s=0.0)
+    elapsed = time.perf_counter() - started
+    assert 2 * 3 * 4 / elapsed <= record["images_per_s"] <= 2 * 3 * 4 / 0.3
+    assert record["images_per_s"] * record["step_time_s"] == pytest.approx(2 * 4)  # the global batch per step
+    assert record["mfu"] == pytest.approx(1e9 * record["images_per_s"] / (2 * 1e11))
+    verdict = speed.epoch_verdict(1)
+    epoch_speed = float(re.search(r"([0-9.]+) img/s over the epoch", verdict).group(1))
+    assert 2 * 3 * 4 / elapsed - 0.1 <= epoch_speed <= 2 * 3 * 4 / 0.3 + 0.1, verdict
