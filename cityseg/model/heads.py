@@ -1,8 +1,9 @@
-"""Pieces beside smp's models that match mmsegmentation's: the auxiliary FCN head and the 3x3 ASPP bottleneck."""
+"""Pieces beside smp's models: mmsegmentation's auxiliary FCN head and 3x3 ASPP bottleneck, Unet's upsampling in the activations' dtype."""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from segmentation_models_pytorch.decoders.unet.decoder import UnetDecoderBlock
 from torch import nn
 
 
@@ -43,3 +44,27 @@ def use_3x3_aspp_project(model: nn.Module) -> None:
     old = project[0]
     project[0] = nn.Conv2d(old.in_channels, old.out_channels, 3, padding=1, bias=False)
 
+
+
+class SameDtypeUnetDecoderBlock(UnetDecoderBlock):
+    """smp's Unet decoder block whose nearest upsampling runs in the activations' dtype. CUDA autocast lists
+    upsample_nearest2d as fp32: each block would cast to fp32, upsample, cat in fp32 and cast back for the conv
+    (and backward mirrors it). Nearest upsampling only copies values, so it is exact in any dtype: the same
+    numbers reach the conv, with a third of the bytes moved. Same parameters and state-dict keys as smp's block."""
+
+    def forward(self, feature_map, target_height: int, target_width: int, skip_connection=None):
+        if self.interpolation_mode != "nearest":
+            return super().forward(feature_map, target_height, target_width, skip_connection)
+        with torch.autocast(feature_map.device.type, enabled=False):
+            feature_map = F.interpolate(feature_map, size=(target_height, target_width), mode="nearest")
+        if skip_connection is not None:
+            feature_map = torch.cat([feature_map, skip_connection], dim=1)
+            feature_map = self.attention1(feature_map)
+        return self.attention2(self.conv2(self.conv1(feature_map)))
+
+
+def upsample_in_activation_dtype(model: nn.Module) -> None:
+    """Every smp Unet decoder block of the model becomes a SameDtypeUnetDecoderBlock (in place)."""
+    for module in model.modules():
+        if type(module) is UnetDecoderBlock:
+            module.__class__ = SameDtypeUnetDecoderBlock

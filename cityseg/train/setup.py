@@ -16,7 +16,7 @@ from cityseg.data.normalization import resolve_normalization
 from cityseg.distributed import run_lock
 from cityseg.distributed.runtime import make_accelerator
 from cityseg.labels import class_names
-from cityseg.model.build import build_model, convert_sync_batchnorm, unwrap_for_eval
+from cityseg.model.build import build_model, convert_sync_batchnorm, training_logits_as_computed, unwrap_for_eval
 from cityseg.observe.console import RunConsole
 from cityseg.observe.records import METRICS_LOG, TRAIN_LOG, drop_records_after
 from cityseg.observe.trackers import Trackers, build_trackers
@@ -79,6 +79,7 @@ def build_training(cfg, accelerator, num_classes: int, train_set=None,
     model = prepare_model(cfg.model, cfg.train, accelerator, num_classes)
     optimizer = build_optimizer(model, cfg.optim)
     model, optimizer = accelerator.prepare(model, optimizer)
+    training_logits_as_computed(unwrap_for_eval(accelerator, model))  # no fp32 copy of the logits in the step
     # one iterator for the run: prefetches across epoch ends
     loader = None if train_set is None else train_stream(
         cfg.data, train_set, accelerator, seed=cfg.seed, epochs=cfg.train.epochs,
