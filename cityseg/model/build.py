@@ -10,7 +10,11 @@ from accelerate.utils.operations import ConvertOutputsToFp32, convert_to_fp32
 from safetensors.torch import load_file
 from timm.layers import convert_sync_batchnorm as timm_convert_sync_batchnorm
 
-from cityseg.model.heads import WithAuxHead, upsample_in_activation_dtype, use_3x3_aspp_project
+from cityseg.model.heads import (
+    WithAuxHead,
+    upsample_in_activation_dtype,
+    use_3x3_aspp_project,
+)
 
 
 class ModelError(ValueError):

@@ -1,6 +1,8 @@
 """Pieces beside smp's models: mmsegmentation's auxiliary FCN head and 3x3 ASPP bottleneck, Unet's upsampling in the activations' dtype."""
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 import torch.nn.functional as F
 from segmentation_models_pytorch.decoders.unet.decoder import UnetDecoderBlock
@@ -55,7 +57,8 @@ class SameDtypeUnetDecoderBlock(UnetDecoderBlock):
     def forward(self, feature_map, target_height: int, target_width: int, skip_connection=None):
         if self.interpolation_mode != "nearest":
             return super().forward(feature_map, target_height, target_width, skip_connection)
-        with torch.autocast(feature_map.device.type, enabled=False):
+        device = feature_map.device.type  # a meta (shape-only) model has no autocast to turn off
+        with torch.autocast(device, enabled=False) if torch.amp.is_autocast_available(device) else nullcontext():
             feature_map = F.interpolate(feature_map, size=(target_height, target_width), mode="nearest")
         if skip_connection is not None:
             feature_map = torch.cat([feature_map, skip_connection], dim=1)

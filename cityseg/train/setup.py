@@ -16,7 +16,12 @@ from cityseg.data.normalization import resolve_normalization
 from cityseg.distributed import run_lock
 from cityseg.distributed.runtime import make_accelerator
 from cityseg.labels import class_names
-from cityseg.model.build import build_model, convert_sync_batchnorm, training_logits_as_computed, unwrap_for_eval
+from cityseg.model.build import (
+    build_model,
+    convert_sync_batchnorm,
+    training_logits_as_computed,
+    unwrap_for_eval,
+)
 from cityseg.observe.console import RunConsole
 from cityseg.observe.records import METRICS_LOG, TRAIN_LOG, drop_records_after
 from cityseg.observe.trackers import Trackers, build_trackers
