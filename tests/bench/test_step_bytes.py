@@ -32,7 +32,7 @@ def test_parts_add_up_to_the_step_and_the_forward_follows_cuda_autocast():
 def test_bf16_moves_fewer_bytes_than_fp32_through_casts():
     fp32, bf16 = counted("train.mixed_precision='no'"), counted("train.mixed_precision=bf16")
     fp32_ops, bf16_ops = ({top["op"]: top for top in report["top_ops"]} for report in (fp32, bf16))
-    assert "_to_copy" not in fp32_ops and bf16["top_ops"][0]["op"] == "_to_copy"  # autocast's casts
+    assert "_to_copy" not in fp32_ops and "_to_copy" in bf16_ops  # autocast's casts
     # a convolution reads its input and weight and writes its output, each in 2 bytes instead of 4
     assert bf16_ops["convolution"]["gb"] * 2 == fp32_ops["convolution"]["gb"]
     assert bf16_ops["convolution"]["launches"] == fp32_ops["convolution"]["launches"]
