@@ -127,6 +127,10 @@ def _add_data_commands(commands) -> None:
     bench.add_argument("--batch", type=int, default=None, help="batch size of the step measurements (default: 8)")
     bench.add_argument("--repeats", type=int, default=None, help="alternating repeats, the median is reported "
                        "(default: 5)")
+    bench.add_argument("--count-only", action="store_true", help="only the counted step: bytes and ATen ops of "
+                       "the configured training step on fake tensors (seconds, no GPU, no data)")
+    bench.add_argument("--tb-per-s", type=float, default=2.5, help="memory bandwidth of the counted step's "
+                       "ceiling in TB/s (default: 2.5, an H100's HBM3 in practice)")
     synth = _command(commands, "synth", "write a synthetic dataset in the Cityscapes layout",
                      "Generated images with gtFine labels, no download needed: for demos and tests.",
                      "cityseg synth --out data/synth --train 24 --val 7")

@@ -115,8 +115,11 @@ def run_bench(args) -> int:
     cfg = load_config(args.config, args.overrides)
     from cityseg.bench.throughput import bench
 
+    if args.tb_per_s <= 0:
+        report(f"error: --tb-per-s: {args.tb_per_s} is not a bandwidth; give TB/s above 0\n")
+        return 2
     bench(cfg, json_path=args.json, quick=args.quick, images=args.images,
-          batch=args.batch, repeats=args.repeats)
+          batch=args.batch, repeats=args.repeats, tb_per_s=args.tb_per_s, count_only=args.count_only)
     return 0
 
 

@@ -19,6 +19,7 @@ from albumentations.pytorch import ToTensorV2
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from cityseg.bench.step_bytes import HBM_TB_PER_S, ceiling, count_training_step
 from cityseg.bench.stop_vote import start_votes, vote_report
 from cityseg.config.load import from_dict, to_dict
 from cityseg.data.cache import CachedPairs, check_manifest, write_cache, write_manifest
@@ -315,9 +316,45 @@ def print_table(report: dict) -> None:
     Console().print(table)
 
 
+def counted_step(cfg, tb_per_s: float = HBM_TB_PER_S) -> dict:
+    """The configured step's bytes and ops (fake tensors, CUDA autocast's rules): counted, not timed."""
+    counted = count_training_step(cfg)
+    counted["ceiling"] = ceiling(counted, tb_per_s)
+    return counted
+
+
+def print_counted(counted: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    limit = counted["ceiling"]
+    table = Table(title=f"counted, not timed: one training step of {counted['model']}, {counted['loss']} loss, "
+                        f"batch {counted['batch']}, {counted['image_size'][0]}x{counted['image_size'][1]}, "
+                        f"{counted['mixed_precision']}, channels_last {counted['channels_last']}")
+    for column in ("part", "GB", "ATen ops"):
+        table.add_column(column, justify="left" if column == "part" else "right")
+    for phase, moved in counted["gb_by_phase"].items():
+        table.add_row(phase.replace("_", " "), f"{moved:.2f}", str(counted["ops_by_phase"][phase]))
+    table.add_row("step", f"{counted['gb_per_step']:.2f}", str(counted["ops_per_step"]))
+    for top in counted["top_ops"][:5]:
+        table.add_row(f"  top op: {top['op']}", f"{top['gb']:.2f}", str(top["launches"]))
+    check = counted["cuda_autocast_check"]
+    table.caption = (f"ceiling at {limit['tb_per_s']:g} TB/s: {limit['img_s']:.0f} img/s ({limit['step_ms']:.2f} ms "
+                     f"per step moving bytes alone); forward checked against CUDA autocast: {check['agree']}/"
+                     f"{check['ops']} ops agree. {counted['compiled']}")
+    Console().print(table)
+
+
 def bench(cfg, json_path=None, quick: bool = False, images: int | None = None, batch: int | None = None,
-          repeats: int | None = None) -> dict:
-    """Run every measurement, print the table, write JSON; returns the report."""
+          repeats: int | None = None, tb_per_s: float = HBM_TB_PER_S, count_only: bool = False) -> dict:
+    """Run every measurement (count_only: only the counted step), print the tables, write JSON; returns the
+    report."""
+    counted = counted_step(cfg, tb_per_s)  # the configured sizes, whatever --quick measures
+    if count_only:
+        print_counted(counted)
+        if json_path:
+            Path(json_path).write_text(json.dumps({"counted": counted}, indent=2))
+        return {"counted": counted}
     cfg = copy.deepcopy(cfg)
     if quick:
         cfg.data.image_size = [32, 64]
@@ -340,8 +377,10 @@ def bench(cfg, json_path=None, quick: bool = False, images: int | None = None, b
         "machine": {"cpus": os.cpu_count(), "torch": torch.__version__, "load_before": round(load_before, 2),
                     "load_after": round(os.getloadavg()[0], 2)},
         "loader": loader, "step": step, "precision": precision, "processes": processes, "vote": vote,
+        "counted": counted,
     }
     print_table(report)
+    print_counted(counted)
     if json_path:
         Path(json_path).write_text(json.dumps(report, indent=2))
     return report

@@ -2,13 +2,20 @@
 from __future__ import annotations
 
 from pathlib import Path
+from types import MethodType
 
 import segmentation_models_pytorch as smp
 import torch
+from accelerate.utils.operations import ConvertOutputsToFp32, convert_to_fp32
 from safetensors.torch import load_file
 from timm.layers import convert_sync_batchnorm as timm_convert_sync_batchnorm
 
-from cityseg.model.heads import WithAuxHead, pad_class_head, use_3x3_aspp_project
+from cityseg.model.heads import (
+    WithAuxHead,
+    pad_class_head,
+    upsample_in_activation_dtype,
+    use_3x3_aspp_project,
+)
 
 
 class ModelError(ValueError):
@@ -54,6 +61,7 @@ def build_model(model_cfg, num_classes: int) -> torch.nn.Module:
             pad_class_head(model, num_classes, model_cfg.pad_classes_to)
         except TypeError as err:
             raise ModelError(f"model.pad_classes_to: {err}") from None
+    upsample_in_activation_dtype(model)  # Unet: exact, a third of its decoder's bytes under autocast
     return WithAuxHead(model, num_classes) if model_cfg.aux_head else model
 
 
@@ -95,6 +103,23 @@ def unwrap_for_eval(accelerator, model: torch.nn.Module) -> torch.nn.Module:
     one (`compiled._orig_mod = bare`), silently dropping DDP from training: gradients stop being synchronized.
     """
     return accelerator.unwrap_model(model, keep_torch_compile=False)
+
+
+def training_logits_as_computed(model: torch.nn.Module) -> None:
+    """accelerate's prepare makes a mixed-precision model's forward return fp32 (a full-size copy of the logits,
+    and its cast back in backward); in training the losses take the autocast dtype and cast what they need
+    themselves (an exact cast either way), so the copy is left out there. Evaluation keeps fp32 logits."""
+    forward = getattr(model.forward, "__func__", model.forward)
+    to_fp32 = getattr(forward, "__wrapped__", None)
+    if not isinstance(to_fp32, ConvertOutputsToFp32):  # fp32 training: prepare wrapped nothing
+        return
+
+    def forward_fp32_outside_training(self, *args, **kwargs):
+        output = to_fp32.model_forward(self, *args, **kwargs)
+        return output if self.training else convert_to_fp32(output)
+
+    forward_fp32_outside_training.__wrapped__ = to_fp32  # accelerate's unwrap still peels down to the original
+    model.forward = MethodType(forward_fp32_outside_training, model)
 
 
 def average_batchnorm_stats(model: torch.nn.Module, accelerator) -> None:

@@ -1,8 +1,12 @@
-"""Pieces beside smp's models: mmsegmentation's auxiliary FCN head and 3x3 ASPP bottleneck, the padded class head."""
+"""Pieces beside smp's models: mmsegmentation's auxiliary FCN head and 3x3 ASPP bottleneck, the padded class
+head, Unet's upsampling in the activations' dtype."""
 from __future__ import annotations
+
+from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
+from segmentation_models_pytorch.decoders.unet.decoder import UnetDecoderBlock
 from torch import nn
 
 
@@ -82,3 +86,28 @@ def pad_class_head(model: nn.Module, num_classes: int, padded_to: int) -> None:
         raise TypeError(f"{type(model).__name__} has no smp segmentation head (a conv first) to pad")
     head[0] = PaddedClassConv(head[0], padded_to)
     head.append(KeepClasses(num_classes))  # no parameters: the state dict keys stay segmentation_head.0.*
+
+
+class SameDtypeUnetDecoderBlock(UnetDecoderBlock):
+    """smp's Unet decoder block whose nearest upsampling runs in the activations' dtype. CUDA autocast lists
+    upsample_nearest2d as fp32: each block would cast to fp32, upsample, cat in fp32 and cast back for the conv
+    (and backward mirrors it). Nearest upsampling only copies values, so it is exact in any dtype: the same
+    numbers reach the conv, with a third of the bytes moved. Same parameters and state-dict keys as smp's block."""
+
+    def forward(self, feature_map, target_height: int, target_width: int, skip_connection=None):
+        if self.interpolation_mode != "nearest":
+            return super().forward(feature_map, target_height, target_width, skip_connection)
+        device = feature_map.device.type  # a meta (shape-only) model has no autocast to turn off
+        with torch.autocast(device, enabled=False) if torch.amp.is_autocast_available(device) else nullcontext():
+            feature_map = F.interpolate(feature_map, size=(target_height, target_width), mode="nearest")
+        if skip_connection is not None:
+            feature_map = torch.cat([feature_map, skip_connection], dim=1)
+            feature_map = self.attention1(feature_map)
+        return self.attention2(self.conv2(self.conv1(feature_map)))
+
+
+def upsample_in_activation_dtype(model: nn.Module) -> None:
+    """Every smp Unet decoder block of the model becomes a SameDtypeUnetDecoderBlock (in place)."""
+    for module in model.modules():
+        if type(module) is UnetDecoderBlock:
+            module.__class__ = SameDtypeUnetDecoderBlock

@@ -27,13 +27,14 @@ class WeightEMA:
         # pairs of (average, live tensor), made once: parameters and buffers are updated in place (optimizer step,
         # load_state on resume), so the views stay valid and a step builds no dicts
         trained = model.state_dict()
-        self.floats, self.sources, self.others = [], [], []
+        self.floats, self.sources, self.others, self.other_sources = [], [], [], []
         for name, average in self.module.state_dict().items():
             if average.is_floating_point():
                 self.floats.append(average)
                 self.sources.append(trained[name])
             else:  # e.g. BatchNorm's num_batches_tracked
-                self.others.append((average, trained[name]))
+                self.others.append(average)
+                self.other_sources.append(trained[name])
 
     def decay_at(self, step: int) -> float:
         return min(self.decay, (1 + step) / (10 + step))
@@ -41,8 +42,8 @@ class WeightEMA:
     @torch.no_grad()
     def update(self, step: int) -> None:
         torch._foreach_lerp_(self.floats, self.sources, 1.0 - self.decay_at(step))  # fused, no host read
-        for average, value in self.others:
-            average.copy_(value)
+        if self.others:  # one launch instead of one per BatchNorm counter
+            torch._foreach_copy_(self.others, self.other_sources)
 
     def save(self, directory: str | Path) -> None:
         state = {name: tensor.detach().cpu().contiguous() for name, tensor in self.module.state_dict().items()}

@@ -19,7 +19,12 @@ from cityseg.data.transforms import padding_note
 from cityseg.distributed import run_lock
 from cityseg.distributed.runtime import make_accelerator
 from cityseg.labels import class_names
-from cityseg.model.build import build_model, convert_sync_batchnorm, unwrap_for_eval
+from cityseg.model.build import (
+    build_model,
+    convert_sync_batchnorm,
+    training_logits_as_computed,
+    unwrap_for_eval,
+)
 from cityseg.observe.console import RunConsole
 from cityseg.observe.records import (
     CONFIG_CHANGES,
@@ -95,6 +100,7 @@ def build_training(cfg, accelerator, num_classes: int, train_set=None,
     check_train_shape(cfg.data, model, cfg.model)  # smp would refuse the first batch with a traceback
     optimizer = build_optimizer(model, cfg.optim)
     model, optimizer = accelerator.prepare(model, optimizer)
+    training_logits_as_computed(unwrap_for_eval(accelerator, model))  # no fp32 copy of the logits in the step
     # one iterator for the run: prefetches across epoch ends
     loader = None if train_set is None else train_stream(
         cfg.data, train_set, accelerator, seed=cfg.seed, epochs=cfg.train.epochs,
