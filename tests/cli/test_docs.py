@@ -228,7 +228,7 @@ def test_configuration_doc_lists_every_key_once_with_its_type_and_default():
 def bash_commands(markdown: str) -> list[str]:
     """Commands of the ```bash blocks in a markdown text: comments dropped, backslash continuations joined."""
     commands = []
-    for block in re.findall(r"^```bash\n(.*?)^```", markdown, flags=re.S | re.M):
+    for block in re.findall(r"^```bash[^\n]*\n(.*?)^```", markdown, flags=re.S | re.M):
         for command in block.replace("\\\n", " ").splitlines():
             command = re.sub(r"\s+#\s.*$", "", command).strip()
             if command and not command.startswith("#"):
