@@ -18,7 +18,7 @@ MARKERS = {
     "server": "a program that serves until it is stopped (a viewer)",
     "long": "minutes of CPU even on tiny data (a benchmark that measures)",
 }
-FENCE = re.compile(r"^(?P<indent>[ \t]*)```(?P<info>[^`\n]*)\n(?P<body>.*?)^(?P=indent)```[ \t]*$", re.S | re.M)
+FENCE = re.compile(r"^(?P<indent>[ \t]*)```(?P<info>[^`\n]*)\n(?P<body>.*?)^(?P=indent)```[ \t]*$", re.DOTALL | re.MULTILINE)
 
 
 @dataclass(frozen=True)
