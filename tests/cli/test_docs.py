@@ -18,6 +18,7 @@ import pytest
 from cityseg.cli import build_parser
 from cityseg.config.load import load_config
 from cityseg.config.schema import Config
+from tests.helpers.doc_blocks import user_guides
 from tests.helpers.process import child_env
 
 REPO = Path(__file__).resolve().parents[2]
@@ -93,21 +94,14 @@ CONTRIBUTOR_SPEAK = ("add its row", "add a row", "floor", "how this is tested", 
 def test_user_guides_speak_to_users():
     """What a contributor needs (tests, the module map, rows to add) is in docs/development.md and
     docs/architecture.md; the README and the user guides say what a user can do."""
-    contributor_pages = {DEVELOPMENT_DOC, ARCHITECTURE_DOC}
     found = []
-    for doc in doc_files():
-        if doc in contributor_pages:
-            continue
+    for doc in user_guides():
         for number, line in enumerate(doc.read_text().splitlines(), 1):
             found += [f"{doc.relative_to(REPO)}:{number}: '{phrase}' in: {line.strip()}"
                       for phrase in CONTRIBUTOR_SPEAK if phrase in line.lower()]
     allowed = {"README.md"}  # the README names `bash tests/run.sh`, the one command a user runs the tests with
     found = [f for f in found if not (f.split(":")[0] in allowed and "tests/run.sh" in f)]
     assert not found, "contributor material in a user guide (move it to docs/development.md):\n" + "\n".join(found)
-
-
-def user_guides() -> list[Path]:
-    return [doc for doc in doc_files() if doc not in (DEVELOPMENT_DOC, ARCHITECTURE_DOC)]
 
 
 def test_no_troubleshooting_entry_twice():
@@ -228,7 +222,7 @@ def test_configuration_doc_lists_every_key_once_with_its_type_and_default():
 def bash_commands(markdown: str) -> list[str]:
     """Commands of the ```bash blocks in a markdown text: comments dropped, backslash continuations joined."""
     commands = []
-    for block in re.findall(r"^```bash\n(.*?)^```", markdown, flags=re.S | re.M):
+    for block in re.findall(r"^```bash[^\n]*\n(.*?)^```", markdown, flags=re.S | re.M):
         for command in block.replace("\\\n", " ").splitlines():
             command = re.sub(r"\s+#\s.*$", "", command).strip()
             if command and not command.startswith("#"):
