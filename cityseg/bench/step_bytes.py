@@ -23,7 +23,11 @@ PHASES = ("model_forward", "loss_forward", "loss_backward", "model_backward", "o
 # ops that allocate or re-describe memory without moving data (views are found by their schema)
 NO_DATA_OPS = {torch.ops.aten.empty.memory_format, torch.ops.aten.empty_strided.default,
                torch.ops.aten.empty_like.default, torch.ops.aten.new_empty.default,
-               torch.ops.aten.new_empty_strided.default, torch.ops.aten.lift_fresh.default}
+               torch.ops.aten.new_empty_strided.default, torch.ops.aten.lift_fresh.default,
+               torch.ops.aten._unsafe_view.default}  # _unsafe_view: an alias autograd may not track
+# ops that read (gather) or update in place (the rest) only the elements an index points at, not a whole tensor
+GATHER = torch.ops.aten.gather
+SCATTER_IN_PLACE = {torch.ops.aten.scatter_add_, torch.ops.aten.index_add_}
 COMPILED_NOTE = ("compiled: not counted on CPU. Inductor's CPU graph is not the CUDA one (C++ kernels, oneDNN "
                  "convolutions, CPU autocast), and the CUDA graph cannot be built without a GPU; the GPU proof "
                  "measures the compiled step.")
@@ -36,6 +40,21 @@ def moved_bytes(tensor: torch.Tensor) -> int:
         if stride != 0:
             elements *= size
     return elements * tensor.element_size()
+
+
+def op_bytes(func, args, kwargs, out) -> int:
+    """Bytes an op reads and writes: every input and output once (an in-place op's self twice: read, written),
+    an `out=` tensor once (it is also the return), and only the indexed elements of gather's source or of an
+    in-place scatter's destination."""
+    packet, args = func.overloadpacket, list(args)
+    if packet is GATHER:  # gather(source, dim, index): the source is read where the index points
+        return out.numel() * args[0].element_size() + moved_bytes(args[2]) + moved_bytes(out)
+    if packet in SCATTER_IN_PLACE:  # (self, dim, index, src): src's elements land on as many of self's
+        index, src = args[2], args[3]
+        return moved_bytes(index) + moved_bytes(src) + 2 * src.numel() * args[0].element_size()
+    outputs = () if func._overloadname.startswith("out") else out
+    tensors = [t for t in tree_flatten((args, kwargs, outputs))[0] if isinstance(t, torch.Tensor)]
+    return sum(moved_bytes(t) for t in tensors)
 
 
 class ByteCounter(TorchDispatchMode):
@@ -53,13 +72,12 @@ class ByteCounter(TorchDispatchMode):
         out = func(*args, **(kwargs or {}))
         if func.is_view or func in NO_DATA_OPS or func.namespace != "aten":
             return out
-        tensors = [t for t in tree_flatten((args, kwargs, out))[0] if isinstance(t, torch.Tensor)]
         if torch._C._current_autograd_node() is not None:
             phase = "model_backward" if self.logits_grad_seen else "loss_backward"
         else:
             phase = self.phase
         entry = self.by_op[(phase, str(func.overloadpacket.__name__))]
-        entry[0] += sum(moved_bytes(t) for t in tensors)
+        entry[0] += op_bytes(func, args, kwargs or {}, out)
         entry[1] += 1
         if phase in ("model_forward", "loss_forward"):
             first = next((t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)), None)

@@ -144,3 +144,11 @@ def skipped_samples(bad_sample_log: Path) -> list[str]:
 def collate(batch):
     images, masks, indices = zip(*(sample[:3] for sample in batch))  # raw cached samples also carry their epoch
     return torch.stack(images), torch.stack(masks), torch.tensor(indices)
+
+
+def collate_channels_last(batch):
+    """collate for train.channels_last: the images stacked straight into channels_last memory in the worker, so
+    the device gets the layout the model runs in and makes no copy of each batch to change it."""
+    images, masks, indices = zip(*(sample[:3] for sample in batch))
+    stacked = torch.stack([image.permute(1, 2, 0) for image in images])  # [N, H, W, C]: one copy, as stack makes
+    return stacked.permute(0, 3, 1, 2), torch.stack(masks), torch.tensor(indices)

@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader, Subset
 
 from cityseg.config.schema import ConfigError
 from cityseg.data.cache import CachedPairs, check_manifest, storage_size
-from cityseg.data.cityscapes import CityscapesPairs, collate, find_pairs
+from cityseg.data.cityscapes import CityscapesPairs, collate, collate_channels_last, find_pairs
 from cityseg.data.device_augment import AugmentParamsCollate
 from cityseg.data.sampler import EpochSampler
 from cityseg.data.stream import EpochBatches, TrainStream
@@ -69,31 +69,32 @@ def eval_dataset(data_cfg, seed: int, split: str | None = None, full_resolution:
 
 
 def train_loader(data_cfg, dataset, seed: int, rank: int, world: int, *, epochs: int | None,
-                 preempt_signals: list[str]) -> DataLoader:
+                 preempt_signals: list[str], channels_last: bool = False) -> DataLoader:
     """This rank's batches, epoch after epoch: shuffled per epoch by EpochSampler (resumable at any sample), dealt
     to the ranks in turn as accelerate.prepare would (not to be prepared again); the samples are (epoch, index)."""
     batches = EpochBatches(EpochSampler(len(dataset), seed), data_cfg.batch_size, rank, world, epochs)
     return DataLoader(
-        dataset, batch_sampler=batches, collate_fn=train_collate(data_cfg, seed, dataset),
+        dataset, batch_sampler=batches, collate_fn=train_collate(data_cfg, seed, dataset, channels_last),
         worker_init_fn=functools.partial(init_worker, rank=rank, preempt_signals=preempt_signals),
         **worker_kwargs(data_cfg.num_workers),
     )
 
 
 def train_stream(data_cfg, dataset, accelerator, *, seed: int, epochs: int | None,
-                 preempt_signals: list[str]) -> TrainStream:
+                 preempt_signals: list[str], channels_last: bool = False) -> TrainStream:
     """The run's training batches on the device, one epoch at a time from one long-lived loader iterator."""
     loader = train_loader(data_cfg, dataset, seed, accelerator.process_index, accelerator.num_processes,
-                          epochs=epochs, preempt_signals=preempt_signals)
+                          epochs=epochs, preempt_signals=preempt_signals, channels_last=channels_last)
     return TrainStream(loader, accelerator.device, accelerator.non_blocking)
 
 
-def train_collate(data_cfg, seed: int, dataset):
+def train_collate(data_cfg, seed: int, dataset, channels_last: bool = False):
     """With data.cache.device_augment, batches carry each sample's augmentation (drawn in the worker) instead of
-    its index: the device never hands indices back to the host."""
+    its index: the device never hands indices back to the host (and augments into a new tensor, whatever the
+    layout). Otherwise, under train.channels_last, images are stacked in that layout in the worker."""
     if data_cfg.cache.dir and data_cfg.cache.device_augment:
         return AugmentParamsCollate(collate, data_cfg, seed, dataset.shared_epoch)
-    return collate
+    return collate_channels_last if channels_last else collate
 
 
 def worker_kwargs(num_workers: int) -> dict:

@@ -104,7 +104,7 @@ def build_training(cfg, accelerator, num_classes: int, train_set=None,
     # one iterator for the run: prefetches across epoch ends
     loader = None if train_set is None else train_stream(
         cfg.data, train_set, accelerator, seed=cfg.seed, epochs=cfg.train.epochs,
-        preempt_signals=cfg.train.preempt_signals)
+        preempt_signals=cfg.train.preempt_signals, channels_last=cfg.train.channels_last)
     ema = attach_ema(accelerator, accelerator.unwrap_model(model), cfg.train.ema_decay)  # before any load_state
     loss_fn = build_loss(cfg.loss, num_classes).to(accelerator.device)
     mode = compile_mode(cfg.train)

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from cityseg.bench.step_bytes import ceiling, count_training_step, moved_bytes
+from cityseg.bench.step_bytes import ByteCounter, ceiling, count_training_step, moved_bytes
 from cityseg.bench.throughput import bench
 from cityseg.config.load import load_config
 
@@ -43,6 +43,21 @@ def test_bf16_moves_fewer_bytes_than_fp32_through_casts():
 def test_a_broadcast_input_is_read_once():
     assert moved_bytes(torch.zeros(4, 3)) == 48
     assert moved_bytes(torch.zeros(3).expand(4, 3)) == 12
+
+
+def test_indexed_ops_count_the_elements_they_touch_and_out_tensors_once():
+    """gather reads its source only where the index points; an in-place scatter_add_ reads and writes only the
+    elements its source lands on; an out= tensor is written once (it is also what the op returns); an alias
+    (_unsafe_view) moves nothing."""
+    source = torch.zeros(8, 1000)  # 32,000 bytes: counted whole, it would swamp the 8 elements gathered
+    index, ones, out = torch.zeros(8, 1, dtype=torch.long), torch.ones(8, 1), torch.empty(10)
+    with ByteCounter() as counter:
+        source.gather(1, index)
+        source.scatter_add_(1, index, ones)
+        torch.mul(out, out, out=out)
+        torch.ops.aten._unsafe_view(source, [8000])
+    moved = {op: entry[0] for (_, op), entry in counter.by_op.items()}
+    assert moved == {"gather": 8 * 4 + 64 + 32, "scatter_add_": 64 + 32 + 2 * 32, "mul": 3 * 40}, moved
 
 
 @pytest.mark.slow  # a few fake-tensor steps: 5-10 s on 2 shared cores

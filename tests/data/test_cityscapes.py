@@ -7,8 +7,9 @@ import torch
 
 from cityseg.config.load import load_config
 from cityseg.data.cityscapes import DataError, find_pairs, read_pair
-from cityseg.data.loaders import eval_dataset, train_dataset
+from cityseg.data.loaders import eval_dataset, train_collate, train_dataset
 from cityseg.labels import IGNORE_INDEX, label_lut
+from cityseg.train.step import device_batch
 from tests.helpers.files import copy_tree
 
 
@@ -110,3 +111,18 @@ def test_train_flip_moves_image_and_mask_together(synth_root):
     assert flipped_any and kept_any
     augmented.set_epoch(2)
     assert torch.equal(augmented[5][1], augmented[5][1])  # same (seed, epoch, index): same augmentation
+
+
+def test_channels_last_batches_are_stacked_in_the_worker_and_the_step_copies_nothing(synth_root):
+    """train.channels_last: the loader's batch is already in channels_last memory with the same values as the
+    plain collate's, so device_batch hands the very same tensor to the step (no per-batch layout copy)."""
+    cfg = load_config("configs/demo.yaml", [f"data.root={synth_root}", "train.channels_last=true"])
+    dataset = train_dataset(cfg.data, cfg.seed, None)
+    samples = [dataset[index] for index in range(3)]
+    plain, _, _ = train_collate(cfg.data, cfg.seed, dataset)(samples)
+    images, masks, _ = train_collate(cfg.data, cfg.seed, dataset, channels_last=True)(samples)
+    assert images.is_contiguous(memory_format=torch.channels_last) and not plain.is_contiguous(
+        memory_format=torch.channels_last)
+    assert torch.equal(images, plain)
+    moved, _ = device_batch(images, masks, None, cfg.data, channels_last=True)
+    assert moved.data_ptr() == images.data_ptr()
