@@ -1,7 +1,10 @@
 """The suite's own rules: the CUDA tests are deselected loudly by default and, selected without a GPU, fail."""
+import pytest
+
 from tests.helpers.process import PYTHON, child_env, run
 
 
+@pytest.mark.slow
 def test_gpu_tests_are_deselected_with_a_notice_and_fail_without_cuda_when_selected():
     env = child_env(CUDA_VISIBLE_DEVICES="")  # whatever machine runs this: the child sees no GPU
     default = run([PYTHON, "-m", "pytest", "tests/bench/test_cuda.py", "-p", "no:randomly"], env=env, timeout=300)

@@ -50,6 +50,7 @@ def test_single_scale_is_the_plain_path(model):
                            plain.argmax(1))
 
 
+@pytest.mark.slow
 def test_multi_scale_evaluate_matches_the_official_evaluator(synth_root, trained_run, official_evaluator, tmp_path):
     common = ["--config", trained_run / "config.yaml", "--checkpoint", trained_run, f"data.root={synth_root}",
               "data.num_workers=0", "data.image_size=[32,64]", SCALES, "eval.flip=true"]
@@ -68,6 +69,7 @@ def test_multi_scale_evaluate_matches_the_official_evaluator(synth_root, trained
     assert json.loads((tmp_path / "one.json").read_text())["mIoU"] != ours["mIoU"]  # the scales were used
 
 
+@pytest.mark.slow
 def test_aug_test_flag_sets_mmsegs_scales_and_flip(synth_root, trained_run, tmp_path):
     result = cityseg("evaluate", "--config", trained_run / "config.yaml", "--checkpoint",
                      trained_run / "model.safetensors", f"data.root={synth_root}", "data.num_workers=0", "--aug-test", "--json", tmp_path / "aug.json")
