@@ -147,9 +147,26 @@ def report(line: str) -> None:
     sys.stderr.flush()
     if "TORCHELASTIC_RUN_ID" not in os.environ or not is_main_rank():
         return
-    launcher = os.getppid()
-    waiter = ("import os, sys, time\nend = time.monotonic() + 30\nwhile time.monotonic() < end:\n"
-              "    try: os.kill(int(sys.argv[1]), 0)\n    except OSError: break\n    time.sleep(0.1)\n"
-              "sys.stderr.write(sys.argv[2])\n")
-    subprocess.Popen([sys.executable, "-c", waiter, str(launcher), line], stdin=subprocess.DEVNULL,
+    subprocess.Popen([sys.executable, "-c", LAUNCHER_WAITER, str(os.getppid()), line], stdin=subprocess.DEVNULL,
                      stdout=subprocess.DEVNULL, start_new_session=True)
+
+
+# A launcher that has exited is gone, or a zombie until its parent reaps it: a parent that reads the launcher's
+# output to the end before reaping it (Python's subprocess.run(capture_output=True)) would otherwise wait 30 s.
+LAUNCHER_WAITER = """import os, sys, time
+def running(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        pass
+    try:
+        os.kill(pid, 0)
+    except OSError:
+        return False
+    return True
+end = time.monotonic() + 30
+while time.monotonic() < end and running(int(sys.argv[1])):
+    time.sleep(0.1)
+sys.stderr.write(sys.argv[2])
+"""

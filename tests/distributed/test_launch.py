@@ -2,11 +2,15 @@
 from __future__ import annotations
 
 import math
+import subprocess
+import time
+from pathlib import Path
 
 import pytest
 import torch
 
-from tests.helpers.process import CONFIG, child_env, cityseg, launch_cmd, run
+from cityseg.commands import LAUNCHER_WAITER
+from tests.helpers.process import CONFIG, PYTHON, child_env, cityseg, launch_cmd, run
 from tests.helpers.runs import read_jsonl, tiny_overrides
 
 
@@ -101,6 +105,25 @@ def test_a_one_line_error_under_accelerate_launch_is_the_last_line(override, mes
     assert lines[-1] == message, result.stderr[-3000:]
     assert lines.count(message) == 2 and "ChildFailedError" in result.stderr  # rank 0's line, the report, again
     assert not out.exists()
+
+
+def test_the_repeated_error_line_comes_as_the_launcher_exits_even_before_it_is_reaped():
+    """The helper that repeats rank 0's line waits for the launcher to exit. A parent that reads the launcher's
+    output to the end before reaping it (subprocess.run(capture_output=True), as these tests do) leaves it a zombie
+    meanwhile: taken for a running launcher, it held the line, and the caller, for the full 30 s."""
+    launcher = subprocess.Popen([PYTHON, "-c", "pass"])  # exits at once; not reaped until wait() below
+    try:
+        stat = Path(f"/proc/{launcher.pid}/stat")
+        deadline = time.monotonic() + 60
+        while stat.read_text().rsplit(")", 1)[1].split()[0] != "Z":
+            assert time.monotonic() < deadline, "the stand-in launcher did not exit"
+            time.sleep(0.05)
+        started = time.monotonic()
+        waiter = run([PYTHON, "-c", LAUNCHER_WAITER, str(launcher.pid), "error: the reason\n"], timeout=60)
+        assert waiter.stderr == "error: the reason\n"
+        assert time.monotonic() - started < 15, "the helper waited on a launcher that had exited"
+    finally:
+        launcher.wait(timeout=10)
 
 
 @pytest.mark.slow
