@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The test suite on a fresh machine: set up .venv if needed, then pytest. Extra args go to pytest.
 #   bash tests/run.sh            everything (what CI runs), in three pytest processes side by side: tests/cluster
-#                                (mostly waiting on SLURM's timers), the gloo folders (tests/checkpoint,
-#                                tests/distributed) and the rest; each prints its own summary, and the run fails if
-#                                any of them does (docs/development.md#tests: the times per folder)
+#                                (mostly waiting on SLURM's timers), the multi-process folders (tests/checkpoint,
+#                                tests/distributed, tests/faults) and the rest; each prints its own summary, and the
+#                                run fails if any of them does (docs/development.md#tests: the times per folder)
 #   bash tests/run.sh --quick    the quick tier: the unit tests of every folder (-m "not slow"), one process
 #   bash tests/run.sh PATH...    only the tests named (tests/config/test_config.py, tests/evaluation::...), one process
 # A -m or -k expression also runs in one process (a stream it selects nothing from would report "no tests ran").
@@ -30,7 +30,7 @@ fi
 
 # Side by side: each stream is a pytest process of its own, and every stream but the last writes to a log printed
 # at the end. SIGINT at the time limit: pytest then tears its fixtures down (the cluster's namespaces and daemons).
-streams=("tests/cluster" "tests/checkpoint tests/distributed")
+streams=("tests/cluster" "tests/checkpoint tests/distributed tests/faults")
 limit=2400
 logs=() pids=() ignored=()
 for stream in "${streams[@]}"; do

@@ -24,6 +24,7 @@ def model():
     return build_model(load_config(None).model, 19).eval()
 
 
+@pytest.mark.slow  # seconds of CPU in this process
 @torch.no_grad()
 def test_multi_scale_averages_the_probabilities_of_each_scale_and_flip(model):
     images = torch.randn(2, 3, 64, 128)
@@ -41,6 +42,7 @@ def test_multi_scale_averages_the_probabilities_of_each_scale_and_flip(model):
     assert got.shape == (2, 19, 64, 128) and torch.isfinite(got).all()
 
 
+@pytest.mark.slow  # seconds of CPU in this process
 @torch.no_grad()
 def test_single_scale_is_the_plain_path(model):
     images = torch.randn(1, 3, 64, 128)
