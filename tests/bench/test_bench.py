@@ -2,9 +2,12 @@
 import json
 import math
 
+import pytest
+
 from tests.helpers.process import cityseg
 
 
+@pytest.mark.slow
 def test_bench_quick_writes_the_table_and_json(tmp_path):
     out = tmp_path / "bench.json"
     result = cityseg("bench", "--config", "configs/demo.yaml", "--quick", "--json", out, timeout=900)

@@ -26,6 +26,7 @@ def probe_ranks(result) -> list[dict]:
     return rank_reports(result.stdout)
 
 
+@pytest.mark.slow
 def test_nan_batch_skips_the_update_exactly_on_one_process():
     (rank,) = probe_ranks(run([PYTHON, "tests/bench/nan_step_probe.py"]))
     assert rank["changed"] == [True, False, False, True], rank  # weights, moments, step count untouched
@@ -33,6 +34,7 @@ def test_nan_batch_skips_the_update_exactly_on_one_process():
     assert np.isfinite(rank["loss"]) and np.isfinite(rank["grad_norm"]), rank  # means over the finite steps
 
 
+@pytest.mark.slow
 def test_fp16_scaler_overflow_and_nan_loss_are_counted_apart():
     """fp16 with a real GradScaler on the CPU (see the probe for why `cityseg train` cannot): an overflow of the
     scaled gradients is the scaler's skip, a NaN loss the NaN skip; neither updates the weights."""
@@ -54,6 +56,7 @@ def test_nan_on_one_rank_skips_the_update_on_every_rank():
         assert rank["nan_skipped"] == 2 and rank["first_nan_step"] == 1, rank
 
 
+@pytest.mark.slow
 def test_training_logs_speed_epoch_verdict_and_profile(synth_root, tmp_path):
     out = tmp_path / "run"
     result = run([PYTHON, "train.py", "--config", "configs/demo.yaml",

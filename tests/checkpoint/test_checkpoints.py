@@ -38,6 +38,7 @@ def kept_run(trained_once, tmp_path):
     return shutil.copytree(trained_once, tmp_path / "kept_run")
 
 
+@pytest.mark.slow
 def test_keep_last_and_best_by_validation_miou(kept_run):
     assert sealed_steps(kept_run) == [7, 8] and not unsealed_dirs(kept_run)
     evaluations = read_jsonl(kept_run / "metrics.jsonl")
@@ -57,6 +58,7 @@ def export(capfd, *args) -> tuple[int, str]:
     return code, capfd.readouterr().err
 
 
+@pytest.mark.slow
 def test_export_of_best_is_what_evaluate_loads(kept_run, tmp_path, capfd):
     exported = tmp_path / "exported"
     code, stderr = export(capfd, "--checkpoint", kept_run / "checkpoints" / "best", "--out", exported)
@@ -79,6 +81,7 @@ def test_export_of_best_is_what_evaluate_loads(kept_run, tmp_path, capfd):
     assert code == 1 and stderr.strip() == f"error: {tmp_path / 'nowhere'}: checkpoint directory not found"
 
 
+@pytest.mark.slow
 def test_corrupt_newest_checkpoint_is_reported_and_the_previous_one_resumed(synth_root, kept_run, tmp_path):
     weights, steps, evaluations = final_weights(kept_run), logged_steps(kept_run), read_jsonl(kept_run / "metrics.jsonl")
     newest = kept_run / "checkpoints" / "step_00000008"
@@ -99,6 +102,7 @@ def test_corrupt_newest_checkpoint_is_reported_and_the_previous_one_resumed(synt
     assert trainer_state(newest)["files"]["optimizer.bin"] == optimizer.stat().st_size  # replaced, whole
 
 
+@pytest.mark.slow
 def test_config_and_directory_mistakes_are_one_line_errors(synth_root, kept_run, tmp_path):
     fresh = train(synth_root, kept_run, train__resume="none", **KEPT)
     assert_exit(fresh, 1)
@@ -111,6 +115,7 @@ def test_config_and_directory_mistakes_are_one_line_errors(synth_root, kept_run,
         "error: train.preempt_signals: 'SIGKILL' is not a signal a process can catch (e.g. SIGUSR1, SIGTERM)"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("target, message", [
     ("optimizer.bin", "{ckpt}: cannot be loaded into this run's model/optimizer (UnpicklingError: Weights only load "
                       "failed"),

@@ -26,6 +26,7 @@ def straight_one(synth_root, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_signal_to_every_process_checkpoints_requeues_and_resumes_identically(synth_root, straight_one, tmp_path):
     out, marker = tmp_path / "run", tmp_path / "requeue"
     env = child_env(CITYSEG_REQUEUE_FILE=str(marker))
@@ -51,6 +52,7 @@ def test_signal_to_every_process_checkpoints_requeues_and_resumes_identically(sy
     assert_same_run(out, straight_one)
 
 
+@pytest.mark.slow
 def test_kill_during_save_leaves_the_previous_checkpoint_to_resume_from(synth_root, straight_one, tmp_path):
     out = tmp_path / "run"
     proc = start(synth_root, out, **ONE)

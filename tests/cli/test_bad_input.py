@@ -93,6 +93,7 @@ def test_grayscale_and_rgba_images_are_converted_with_a_note(synth_root, tmp_pat
 
 # --- through the command line: one line, non-zero exit, no traceback ---------------------------------------------
 
+@pytest.mark.slow
 def test_a_bad_sample_mid_training_stops_with_one_line_and_no_traceback(synth_root, tmp_path):
     """A fault only decoding finds (a not-PNG or truncated file is named at start: tests/train/test_start_checks.py)."""
     root = copy_tree(synth_root, tmp_path)
@@ -104,6 +105,7 @@ def test_a_bad_sample_mid_training_stops_with_one_line_and_no_traceback(synth_ro
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+@pytest.mark.slow
 def test_on_bad_sample_skip_trains_on_and_lists_every_bad_file_at_the_end(synth_root, tmp_path):
     root = copy_tree(synth_root, tmp_path)
     pairs = find_pairs(root, "train")
@@ -204,6 +206,7 @@ def test_missing_and_partial_checkpoints_are_named(tmp_path):
         load_weights(model, partial)
 
 
+@pytest.mark.slow
 def test_encoder_weights_missing_offline_say_how_to_get_them(synth_root, tmp_path):
     result = cityseg("check", "--config", "configs/demo.yaml", *tiny_overrides(synth_root, tmp_path / "run"),
                      "model.encoder_weights=imagenet", timeout=300,

@@ -119,6 +119,7 @@ def run_on_a_terminal(args: list[str], timeout: float = 300) -> tuple[int, str]:
     return process.wait(timeout=max(1.0, deadline - time.monotonic())), b"".join(chunks).decode(errors="replace")
 
 
+@pytest.mark.slow
 def test_progress_bar_shows_a_dash_until_loss_and_speed_are_measured(synth_root, tmp_path):
     """The bar moves every step; loss and img/s are read every train.log_every steps (and at an epoch's end): the 8
     steps of the first epoch come before any reading, and show "—" instead of a NaN loss or 0 img/s."""

@@ -251,6 +251,7 @@ def run_for_real(command: str, cwd: Path, env: dict) -> subprocess.CompletedProc
         pytest.fail(f"README quick start: `{command}` did not finish within {COMMAND_TIMEOUT_S} s")
 
 
+@pytest.mark.slow
 def test_quick_start_runs_as_written(tmp_path):
     """Each quick-start command, in order, in a fresh directory with the repository's configs/ (the demo data)."""
     (tmp_path / "configs").symlink_to(REPO / "configs")
@@ -373,6 +374,7 @@ def test_demo_gives_the_readme_figure(tmp_path):
                                              f"{child_env()['OMP_NUM_THREADS']}; README.md says {stated} (±{spread})")
 
 
+@pytest.mark.slow
 def test_demo_script_trains_in_its_own_run_directory(tmp_path):
     """launch/demo.sh in a copy of the repository's layout (2 steps): it never touches the quick start's runs/demo,
     says when it replaces its own earlier run, and ends with the mIoU line the README quotes."""

@@ -8,7 +8,11 @@ import shutil
 import subprocess
 import sys
 
+import pytest
+
 from tests.helpers.cluster import REPO, final_step, job_log, tiny
+
+pytestmark = pytest.mark.slow  # every test here runs jobs on the namespace cluster
 
 
 def test_rank_1_trains_on_another_host_over_the_cluster_network(reference_run, netcluster):

@@ -3,7 +3,11 @@ from __future__ import annotations
 
 import time
 
+import pytest
+
 from tests.helpers.cluster import assert_same_weights, final_step, job_log, tiny
+
+pytestmark = pytest.mark.slow  # every test here runs jobs on the namespace cluster
 
 
 def test_host_killed_and_back_within_seconds_restarts_inside_the_allocation(cluster, cluster_data, reference_run,

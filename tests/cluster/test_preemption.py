@@ -4,6 +4,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pytest
+
 from tests.helpers.cluster import (
     REPO,
     assert_same_weights,
@@ -12,6 +14,8 @@ from tests.helpers.cluster import (
     preempted_step,
     tiny,
 )
+
+pytestmark = pytest.mark.slow  # every test here runs jobs on the namespace cluster
 
 SLOW_SAVE = Path(__file__).resolve().parent / "slow_save"  # sitecustomize: a save after a stop starts late
 

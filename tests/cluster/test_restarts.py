@@ -5,7 +5,11 @@ import os
 import re
 import signal
 
+import pytest
+
 from tests.helpers.cluster import assert_same_weights, final_step, job_log, tiny
+
+pytestmark = pytest.mark.slow  # every test here runs jobs on the namespace cluster
 
 
 def kill_rank_at_step(cluster, log_dir, job: str, rank: int, host: str, step: int) -> int:

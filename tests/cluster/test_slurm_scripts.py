@@ -16,6 +16,7 @@ from tests.helpers.cluster import REPO, final_step, job_log, tiny
 CONFIG = "configs/demo.yaml"
 
 
+@pytest.mark.slow
 def test_submit_dry_run_prints_quoted_command_and_submits_nothing(cluster_data):
     # the preflight runs on this GPU-less machine for 2 nodes x 4 GPUs: fp16 and batch share judged for that job
     cmd = [sys.executable, "launch/submit.py", "--config", CONFIG, "--nodes", "2", "--gpus-per-node", "4",
@@ -55,6 +56,7 @@ def test_submit_rejects_a_config_typo_before_the_queue():
     assert "sbatch" not in result.stdout
 
 
+@pytest.mark.slow
 def test_submit_helper_submits_a_job_that_runs(cluster, cluster_data, tmp_path):
     cmd = ["nsenter", f"--net=/run/netns/{cluster.host('ctl')}", sys.executable, "launch/submit.py",
            "--nodes", "1", "--gpus-per-node", "0", "--time", "00:10:00", "--log-dir", str(tmp_path),

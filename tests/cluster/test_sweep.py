@@ -8,6 +8,7 @@ import shlex
 import subprocess
 import sys
 
+import pytest
 import yaml
 
 from tests.helpers.cluster import REPO, final_step, tiny
@@ -18,6 +19,7 @@ def submit(*args: str, env: dict | None = None, prefix: list[str] = ()) -> subpr
                           text=True, timeout=300, env=env or os.environ)
 
 
+@pytest.mark.slow
 def test_sweep_dry_run_prints_every_combination_and_one_array_line(cluster_data, tmp_path):
     result = submit("--gpus-per-node", "0", "--log-dir", str(tmp_path), "--dry-run", "--sweep", "optim.lr=1e-3,3e-4",
                     "--sweep", "data.image_size=[32,64],[64,128]", "--max-parallel", "2",
@@ -44,6 +46,7 @@ def test_sweep_rejects_a_bad_value_before_the_queue(tmp_path):
     assert len(result.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_sweep_runs_a_job_array_with_a_task_per_combination(cluster, cluster_data, tmp_path):
     out = tmp_path / "run"
     result = submit("--nodes", "1", "--gpus-per-node", "0", "--time", "00:10:00", "--log-dir", str(tmp_path),
@@ -66,6 +69,7 @@ def test_sweep_runs_a_job_array_with_a_task_per_combination(cluster, cluster_dat
     assert sorted(p.name for p in out.iterdir()) == ["lr=0.001", "lr=0.002"]
 
 
+@pytest.mark.slow
 def test_a_preempted_sweep_task_requeues_and_resumes_alone(cluster, cluster_data, tmp_path):
     out = tmp_path / "run"
     result = submit("--nodes", "1", "--gpus-per-node", "0", "--time", "00:10:00", "--log-dir", str(tmp_path),

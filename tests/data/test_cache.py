@@ -47,6 +47,7 @@ def cli_cache(synth_root, tmp_path_factory):
     return cache_dir
 
 
+@pytest.mark.slow
 def test_cached_equals_uncached_at_the_training_size(synth_root, cli_cache):
     plain, cached = train_set(config(synth_root)), train_set(config(synth_root, cli_cache))
     assert isinstance(cached, CachedPairs) and len(cached) == len(plain) == 16
@@ -135,6 +136,7 @@ def test_prepare_interrupted_half_way_leaves_a_cache_that_is_refused(synth_root,
     assert "\n" not in str(err.value) and "cityseg prepare" in str(err.value)
 
 
+@pytest.mark.slow
 def test_dataset_sent_to_workers_holds_paths_not_data(synth_root, cli_cache):
     cached = train_set(config(synth_root, cli_cache))
     cached[0]
@@ -145,6 +147,7 @@ def test_dataset_sent_to_workers_holds_paths_not_data(synth_root, cli_cache):
     assert sum(len(batch[0]) for batch in loader) == 16
 
 
+@pytest.mark.slow
 def test_batch_augment_flips_normalizes_and_pads_like_the_cpu_path(synth_root, cli_cache):
     cfg = config(synth_root, cli_cache, "data.cache.device_augment=true")
     raw = train_set(cfg)
@@ -178,6 +181,7 @@ def test_batch_augment_flips_normalizes_and_pads_like_the_cpu_path(synth_root, c
     assert (cpu_mask[pad] == 255).all() and (cpu_image[:, pad] == 0).all() and (cpu_mask[~pad] != 255).any()
 
 
+@pytest.mark.slow
 def test_training_from_the_cache_with_device_augment(synth_root, cli_cache, tmp_path):
     out = tmp_path / "run"
     result = run([PYTHON, "train.py", "--config", "configs/demo.yaml",
@@ -188,6 +192,7 @@ def test_training_from_the_cache_with_device_augment(synth_root, cli_cache, tmp_
     assert read_jsonl(out / "metrics.jsonl")[-1]["step"] == 3
 
 
+@pytest.mark.slow
 def test_two_ranks_prepare_one_cache(synth_root, tmp_path):
     """Shards of 3 samples: 6 shards for 16 images, 3 written by each rank; every sample's stored content equals
     a single-process prepare's, and no sample is written twice or by the wrong rank."""
@@ -216,6 +221,7 @@ def test_two_ranks_prepare_one_cache(synth_root, tmp_path):
         np.testing.assert_array_equal(mask, reference_mask, err_msg=str(index))
 
 
+@pytest.mark.slow
 def test_bad_cache_config_is_one_line(synth_root, tmp_path):
     result = cityseg("train", "--config", "configs/demo.yaml", f"data.root={synth_root}",
                      "data.cache.device_augment=true")

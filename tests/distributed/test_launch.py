@@ -58,6 +58,7 @@ def test_bf16_training_with_a_short_last_accumulation_window(synth_root, tmp_pat
     assert [(m["epoch"], m["step"]) for m in read_jsonl(out / "metrics.jsonl")] == [(1, 2), (2, 4)]
 
 
+@pytest.mark.slow
 def test_fp16_on_cpu_is_refused_in_one_line(synth_root, tmp_path):
     result = cityseg("train", *CONFIG, *tiny_overrides(synth_root, tmp_path / "run", train__mixed_precision="fp16"))
     assert result.returncode == 2
@@ -86,6 +87,7 @@ def test_multi_gpu_launch_without_gpus_is_stopped(synth_root, tmp_path):
     assert not (tmp_path / "run" / "config.yaml").exists() and not (tmp_path / "run" / "train_log.jsonl").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("override, message", [
     ("train.max_stepz=1", "error: command line override 'train.max_stepz=1': unknown key 'train.max_stepz' (did you "
                           "mean 'train.max_steps'?)"),

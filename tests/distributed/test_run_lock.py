@@ -4,11 +4,14 @@ import os
 import signal
 import socket
 
+import pytest
+
 from cityseg.distributed.run_lock import acquire, release
 from tests.helpers.process import launch_cmd, rank_reports, run, start, train, wait_for
 from tests.helpers.runs import sealed_steps
 
 
+@pytest.mark.slow
 def test_a_second_run_on_a_busy_output_dir_stops_in_one_line_and_a_killed_run_leaves_no_lock(synth_root, tmp_path):
     out = tmp_path / "run"
     long_run = dict(train__epochs=500, checkpoint__every_steps=1, checkpoint__keep_last=1)
@@ -32,6 +35,7 @@ def test_a_second_run_on_a_busy_output_dir_stops_in_one_line_and_a_killed_run_le
     release(out)
 
 
+@pytest.mark.slow
 def test_every_rank_hears_that_the_output_dir_is_taken(tmp_path):
     """The main process alone locks; rank 1 must not train alone or wait in a collective: it gets the same line."""
     assert acquire(tmp_path, wait_s=0) is None  # this test process is the other run

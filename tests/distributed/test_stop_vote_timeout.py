@@ -6,6 +6,7 @@ import os
 import time
 from types import SimpleNamespace
 
+import pytest
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
@@ -32,6 +33,7 @@ def vote_alone(rank: int, store_path: str, results) -> None:
                      time.monotonic() - started))
 
 
+@pytest.mark.slow
 def test_a_rank_silent_at_the_vote_fails_the_others_as_a_collective_within_the_timeout(tmp_path):
     context = mp.get_context("spawn")
     results = context.Queue()

@@ -23,6 +23,7 @@ def val_images(synth_root):
     return sorted((synth_root / "leftImg8bit" / "val").rglob("*.png"))
 
 
+@pytest.mark.slow
 def test_full_resolution_equals_cityseg_predict_with_the_same_options(trained_run, synth_root, val_images, tmp_path):
     """`cityseg predict` with no --config (the run's config.yaml) and the API, sliding + flip: the same label ids."""
     out = tmp_path / "preds"
@@ -44,6 +45,7 @@ def test_full_resolution_equals_cityseg_predict_with_the_same_options(trained_ru
     assert len(varied) > 1  # a trained model, not a constant map
 
 
+@pytest.mark.slow
 def test_metrics_from_api_predictions_equal_cityseg_evaluate_full(trained_run, synth_root, val_images, tmp_path):
     metrics_file = tmp_path / "metrics.json"
     result = cityseg("evaluate", "--checkpoint", trained_run / "model.safetensors", "--mode", "full",
@@ -64,6 +66,7 @@ def test_metrics_from_api_predictions_equal_cityseg_evaluate_full(trained_run, s
     assert summarize(confusion, segmenter.class_names)["mIoU"] == pytest.approx(expected, abs=1e-6)
 
 
+@pytest.mark.slow
 def test_training_size_and_batch_tensors(trained_run, val_images):
     segmenter = Segmenter.load(trained_run, device="cpu")
     images = [read_image(path) for path in val_images[:3]]
@@ -83,6 +86,7 @@ def test_training_size_and_batch_tensors(trained_run, val_images):
     assert segmenter.colorize(full[0].numpy()).shape == (*images[0].shape[:2], 3)
 
 
+@pytest.mark.slow
 def test_predict_batch_takes_numpy_and_torch_channels_last_or_first(trained_run, val_images):
     """What a user has at hand: read_image's (H, W, 3) arrays stacked, as numpy or torch, batched or not."""
     segmenter = Segmenter.load(trained_run, device="cpu")
@@ -99,6 +103,7 @@ def test_predict_batch_takes_numpy_and_torch_channels_last_or_first(trained_run,
     assert torch.equal(segmenter.logits(images), segmenter.logits(torch.from_numpy(images).permute(0, 3, 1, 2)))
 
 
+@pytest.mark.slow
 def test_a_checkpoint_directory_loads_with_its_own_config(trained_run, val_images):
     image = read_image(val_images[0])
     best = Segmenter.load(trained_run / "checkpoints" / "best", device="cpu")
@@ -109,6 +114,7 @@ def test_a_checkpoint_directory_loads_with_its_own_config(trained_run, val_image
         assert np.array_equal(best.predict(image), Segmenter.load(newest, device="cpu").predict(image))
 
 
+@pytest.mark.slow
 def test_bad_inputs_say_what_was_expected(trained_run, tmp_path):
     segmenter = Segmenter.load(trained_run, device="cpu")
     with pytest.raises(ValueError, match=r"expected an \(H, W, 3\) uint8 RGB array, got float32"):

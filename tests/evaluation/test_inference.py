@@ -67,6 +67,7 @@ def trained_model(trained_run):
     return model.eval()
 
 
+@pytest.mark.slow
 @torch.inference_mode()
 def test_sliding_with_the_image_as_window_equals_whole_image(trained_model):
     images = torch.randn(2, 3, 64, 128)
@@ -80,6 +81,7 @@ def test_sliding_with_the_image_as_window_equals_whole_image(trained_model):
     assert windows.shape == whole.shape and torch.isfinite(windows).all() and not torch.equal(windows, whole)
 
 
+@pytest.mark.slow
 @torch.inference_mode()
 def test_flip_averages_the_mirrored_prediction(trained_model):
     images = torch.randn(1, 3, 64, 128)
@@ -89,6 +91,7 @@ def test_flip_averages_the_mirrored_prediction(trained_model):
     assert torch.allclose(flipped, (plain + mirrored) / 2, atol=1e-6)
 
 
+@pytest.mark.slow
 @torch.inference_mode()
 def test_logits_at_network_size_upsampled_to_label_size(trained_model):
     images = torch.randn(2, 3, 128, 256)

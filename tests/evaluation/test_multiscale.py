@@ -24,6 +24,7 @@ def model():
     return build_model(load_config(None).model, 19).eval()
 
 
+@pytest.mark.slow  # seconds of CPU in this process
 @torch.no_grad()
 def test_multi_scale_averages_the_probabilities_of_each_scale_and_flip(model):
     images = torch.randn(2, 3, 64, 128)
@@ -41,6 +42,7 @@ def test_multi_scale_averages_the_probabilities_of_each_scale_and_flip(model):
     assert got.shape == (2, 19, 64, 128) and torch.isfinite(got).all()
 
 
+@pytest.mark.slow  # seconds of CPU in this process
 @torch.no_grad()
 def test_single_scale_is_the_plain_path(model):
     images = torch.randn(1, 3, 64, 128)
@@ -50,6 +52,7 @@ def test_single_scale_is_the_plain_path(model):
                            plain.argmax(1))
 
 
+@pytest.mark.slow
 def test_multi_scale_evaluate_matches_the_official_evaluator(synth_root, trained_run, official_evaluator, tmp_path):
     common = ["--config", trained_run / "config.yaml", "--checkpoint", trained_run, f"data.root={synth_root}",
               "data.num_workers=0", "data.image_size=[32,64]", SCALES, "eval.flip=true"]
@@ -68,6 +71,7 @@ def test_multi_scale_evaluate_matches_the_official_evaluator(synth_root, trained
     assert json.loads((tmp_path / "one.json").read_text())["mIoU"] != ours["mIoU"]  # the scales were used
 
 
+@pytest.mark.slow
 def test_aug_test_flag_sets_mmsegs_scales_and_flip(synth_root, trained_run, tmp_path):
     result = cityseg("evaluate", "--config", trained_run / "config.yaml", "--checkpoint",
                      trained_run / "model.safetensors", f"data.root={synth_root}", "data.num_workers=0", "--aug-test", "--json", tmp_path / "aug.json")

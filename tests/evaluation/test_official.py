@@ -51,6 +51,7 @@ def full_metrics(synth_root, trained_run, tmp_path_factory) -> dict:
     return json.loads(out.read_text())
 
 
+@pytest.mark.slow
 def test_predict_writes_three_files_per_image_with_label_ids(predictions, synth_root):
     images = sorted((synth_root / "leftImg8bit" / "val").glob("*/*_leftImg8bit.png"))
     assert len(images) == 7
@@ -68,6 +69,7 @@ def test_predict_writes_three_files_per_image_with_label_ids(predictions, synth_
     assert len(list(predictions.rglob("*.*"))) == 3 * 7
 
 
+@pytest.mark.slow
 def test_full_resolution_evaluate_matches_official_evaluator(full_metrics, predictions, synth_root,
                                                              official_evaluator, tmp_path):
     official = official_evaluator(synth_root, predictions / "labelIds", tmp_path / "export")
@@ -86,6 +88,7 @@ def test_full_resolution_evaluate_matches_official_evaluator(full_metrics, predi
     assert len(present) >= 15 and 0 < full_metrics["mIoU"] < 1  # a real comparison, not all-NaN or all-zero
 
 
+@pytest.mark.slow
 def test_two_processes_give_the_same_full_resolution_metrics(full_metrics, synth_root, trained_run, tmp_path):
     out = tmp_path / "full2.json"
     result = run(launch_cmd(2, "-m", "cityseg", "evaluate", *overrides(synth_root, trained_run), "eval.mode=full",
@@ -112,6 +115,7 @@ def perturbed_predictions(synth_root: Path, out: Path) -> None:
         cv2.imwrite(str(target), ids)
 
 
+@pytest.mark.slow
 def test_counting_matches_official_with_void_predictions(synth_root, official_evaluator, tmp_path):
     perturbed_predictions(synth_root, tmp_path / "pred")
     official = official_evaluator(synth_root, tmp_path / "pred", tmp_path / "export")

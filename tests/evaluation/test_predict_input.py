@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import cv2
 import numpy as np
+import pytest
 
 from cityseg.cli import main
 from tests.helpers.process import cityseg
 
 
+@pytest.mark.slow
 def test_predict_on_a_folder_of_images_of_any_size(trained_run, tmp_path):
     rng = np.random.default_rng(0)
     inputs = tmp_path / "photos"
@@ -33,6 +35,7 @@ def test_predict_on_a_folder_of_images_of_any_size(trained_run, tmp_path):
     assert len(list(out.rglob("*.*"))) == 9 + 1
 
 
+@pytest.mark.slow
 def test_predict_on_one_image_file(trained_run, tmp_path, capsys):
     """--input names one image: its three files go straight under the output's kind folders."""
     image = tmp_path / "photos" / "street.jpg"
@@ -48,6 +51,7 @@ def test_predict_on_one_image_file(trained_run, tmp_path, capsys):
         "color/street_pred_color.png", "labelIds/street_pred_labelIds.png", "overlay/street_pred_overlay.jpg"]
 
 
+@pytest.mark.slow
 def test_predict_bad_input_is_one_line(trained_run, tmp_path, capsys):
     """The real CLI entry in this process (a child process per case would only add torch's import time)."""
     (tmp_path / "empty").mkdir()

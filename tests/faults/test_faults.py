@@ -94,6 +94,7 @@ def test_kill_9_of_one_rank_ends_the_run_naming_the_dead_rank(synth_root, tmp_pa
     assert re.search(r"rank\s+: 1 \(local_rank: 1\)\s+exitcode\s+: -9", root_cause), root_cause
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_before_nonfinite_weights_are_saved(synth_root, tmp_path):
     """optim.lr=1e30, a real user mistake: the first step sends the weights to ~1e30, the next loss is Inf/NaN."""
     out = tmp_path / "run"
@@ -144,6 +145,7 @@ def assert_same_state(a: tuple[dict, dict], b: tuple[dict, dict]) -> None:
         assert different == [], different[:5]
 
 
+@pytest.mark.slow
 def test_nan_skip_leaves_weights_and_optimizer_as_if_the_batch_never_came(tmp_path):
     """One bad batch at step 3 of 5: the state after step 3 is the state after step 2 (parameters, Adam moments and
     step count), so the run goes on as one that never applied that batch; the other steps train normally."""
@@ -203,6 +205,7 @@ def limit_file_size(limit_bytes: int):
     return apply
 
 
+@pytest.mark.slow
 def test_a_failed_checkpoint_write_keeps_the_previous_checkpoint(synth_root, tmp_path):
     out = tmp_path / "run"
     args = [PYTHON, "train.py", "--config", "configs/demo.yaml",

@@ -62,6 +62,7 @@ def offline_env(cache: Path, **extra) -> dict:
     return child_env(HF_HUB_CACHE=str(cache), HF_HUB_OFFLINE="1", **extra)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("encoder", sorted(ENCODERS))
 def test_check_and_fetch_find_a_prepared_cache(encoder, tmp_path):
     cache = tmp_path / "hub"
@@ -76,6 +77,7 @@ def test_check_and_fetch_find_a_prepared_cache(encoder, tmp_path):
     assert fetched.returncode == 0 and "weights in" in fetched.stdout, fetched.stderr
 
 
+@pytest.mark.slow
 def test_training_offline_loads_the_cached_weights(synth_root, tmp_path):
     cache = tmp_path / "hub"
     state = build_cache(cache, "tu-tf_mobilenetv3_small_minimal_100")
@@ -94,6 +96,7 @@ def test_training_offline_loads_the_cached_weights(synth_root, tmp_path):
     assert missing.returncode != 0 and "model.encoder_weights" in missing.stderr.strip().splitlines()[-1]
 
 
+@pytest.mark.slow
 def test_fetch_fails_with_one_line_when_the_hub_cannot_be_reached(tmp_path):
     # the "hub" is a local port held bound but never listening: refused at once, nothing leaves this machine
     with socket.socket() as closed:
@@ -113,6 +116,7 @@ def test_fetch_fails_with_one_line_when_the_hub_cannot_be_reached(tmp_path):
         "error: HF_HUB_OFFLINE is set: fetching needs the hub; unset it on a machine with internet"]
 
 
+@pytest.mark.slow
 def test_fetch_fails_in_seconds_when_the_hub_cannot_be_reached(tmp_path):
     """huggingface_hub alone retries a refused connection with backoff for ~25 s more (32 s offline, as a user
     measured); fetch asks once. The "hub" is a local port held bound but never listening: nothing leaves this

@@ -10,6 +10,7 @@ from tests.helpers.runs import read_jsonl, tiny_overrides
 from tests.helpers.tensorboard_events import scalars, texts
 
 
+@pytest.mark.slow
 def test_the_scalars_of_train_log_and_metrics_are_in_the_event_files(synth_root, tmp_path):
     out = tmp_path / "run"
     overrides = tiny_overrides(synth_root, out, train__epochs=2, train__max_steps=2, tracking__tensorboard="true")
@@ -33,6 +34,7 @@ def test_the_scalars_of_train_log_and_metrics_are_in_the_event_files(synth_root,
     assert any("optim:" in text and "tensorboard: true" in text for text in texts(out / "tensorboard"))
 
 
+@pytest.mark.slow
 def test_two_processes_write_one_event_stream(synth_root, tmp_path):
     out = tmp_path / "run"
     result = run([*launch_cmd(2, "-m", "cityseg", "train", *CONFIG),
@@ -43,6 +45,7 @@ def test_two_processes_write_one_event_stream(synth_root, tmp_path):
     assert sorted(scalars(out / "tensorboard")["train/loss"]) == [1, 2]
 
 
+@pytest.mark.slow
 def test_off_by_default(synth_root, tmp_path):
     out = tmp_path / "run"
     result = cityseg("train", *CONFIG, *tiny_overrides(synth_root, out, train__max_steps=1))

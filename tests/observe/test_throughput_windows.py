@@ -13,6 +13,7 @@ from tests.helpers.process import PYTHON, run
 from tests.helpers.runs import read_jsonl, tiny_overrides
 
 
+@pytest.mark.slow
 def test_validation_and_saves_stay_out_of_img_per_s(tmp_path):
     # 16 training images (4 steps of 4 per epoch) and 120 validation images: one validation takes several steps'
     # time. Validation every 2 steps: after steps 2 and 6 (mid-epoch), 4 (the epoch's end) and 8 (the last).

@@ -30,6 +30,7 @@ def fan_out(tmp_path: Path, *overrides: str, **env: str):
     return out, result.stdout
 
 
+@pytest.mark.slow
 def test_a_logged_step_and_an_evaluation_reach_every_sink(tmp_path):
     step_file = tmp_path / "step"
     out, stdout = fan_out(tmp_path, "tracking.tensorboard=true", "tracking.wandb.mode=offline",
@@ -59,6 +60,7 @@ def test_a_logged_step_and_an_evaluation_reach_every_sink(tmp_path):
     assert summary(records)["best_mIoU"] == 0.25 and summary(records)["step"] == 2
 
 
+@pytest.mark.slow
 def test_a_sink_turned_off_gets_nothing(tmp_path):
     out, stdout = fan_out(tmp_path, "tracking.tensorboard=false", "tracking.wandb.mode=disabled")
     assert read_jsonl(out / "train_log.jsonl") == [STEP_2] and read_jsonl(out / "metrics.jsonl") == [EVALUATION]

@@ -69,6 +69,7 @@ def two_process_run(synth_root, tmp_path_factory):
     return out, result
 
 
+@pytest.mark.slow
 def test_two_processes_write_one_offline_run(two_process_run):
     out, result = two_process_run
     runs = offline_runs(out)
@@ -84,6 +85,7 @@ def test_two_processes_write_one_offline_run(two_process_run):
     assert sent["runtime"]["mixed_precision"] == "no"
 
 
+@pytest.mark.slow
 def test_evaluations_in_wandb_match_metrics_jsonl(two_process_run):
     out, _ = two_process_run
     records = records_of(offline_runs(out)[0])
@@ -102,6 +104,7 @@ def test_evaluations_in_wandb_match_metrics_jsonl(two_process_run):
     assert final["best_mIoU"] == pytest.approx(best["mIoU"]) and final["best_step"] == best["step"]
 
 
+@pytest.mark.slow
 def test_training_steps_in_wandb_match_train_log(two_process_run):
     out, _ = two_process_run
     rows = [row for row in history(records_of(offline_runs(out)[0])) if "train/loss" in row]
@@ -112,6 +115,7 @@ def test_training_steps_in_wandb_match_train_log(two_process_run):
         assert row["train/images_per_s"] > 0 and 0 <= row["train/data_wait"] <= 1
 
 
+@pytest.mark.slow
 def test_sample_images_carry_ground_truth_and_prediction_masks(two_process_run):
     from cityseg.checkpoint import load_weights
     from cityseg.config.load import load_config
@@ -146,6 +150,7 @@ def test_sample_images_carry_ground_truth_and_prediction_masks(two_process_run):
     assert image.size == (128, 64) and image.mode == "RGB"
 
 
+@pytest.mark.slow
 def test_non_tty_output_has_no_progress_bar_control_characters(two_process_run):
     _, result = two_process_run
     assert "\r" not in result.stdout and "\x1b" not in result.stdout
@@ -153,6 +158,7 @@ def test_non_tty_output_has_no_progress_bar_control_characters(two_process_run):
     assert re.search(r"^eval step 4 epoch 2 mIoU \d", result.stdout, re.MULTILINE)
 
 
+@pytest.mark.slow
 def test_resume_continues_the_run_and_no_secret_is_written(synth_root, tmp_path):
     """Stopped at step 2, resumed to step 4: one W&B run id, the step axis goes on; the API key appears nowhere."""
     out = tmp_path / "run"
@@ -184,6 +190,7 @@ def test_resume_continues_the_run_and_no_secret_is_written(synth_root, tmp_path)
     assert files_holding(FAKE_KEY, tmp_path) == []  # output_dir, wandb dirs, home, temp files
 
 
+@pytest.mark.slow
 def test_fresh_start_in_an_old_output_dir_gets_a_new_run(synth_root, tmp_path):
     out = tmp_path / "run"
     out.mkdir()
@@ -195,6 +202,7 @@ def test_fresh_start_in_an_old_output_dir_gets_a_new_run(synth_root, tmp_path):
     assert run_id(records_of(run_dir)) == (out / "wandb_run_id").read_text().strip() != "oldrun01"
 
 
+@pytest.mark.slow
 def test_disabled_writes_nothing(synth_root, tmp_path):
     out = tmp_path / "run"
     result = train(synth_root, out, env=no_credentials_env(tmp_path), train__max_steps=1,
@@ -205,6 +213,7 @@ def test_disabled_writes_nothing(synth_root, tmp_path):
     assert [p for p in (tmp_path / "home").rglob("*") if "wandb" in p.name] == []  # no settings, cache or data
 
 
+@pytest.mark.slow
 def test_unreachable_server_falls_back_to_offline(synth_root, tmp_path):
     """auto + an API key → online; the server refuses connections → one line, offline run, exit 0, key unseen."""
     out = tmp_path / "run"

@@ -103,6 +103,7 @@ def test_parameter_count_within_one_percent_of_mmsegmentation(recipe):
     assert abs(count - MMSEG_PARAMS[recipe]) / MMSEG_PARAMS[recipe] < 0.01, (recipe, count, MMSEG_PARAMS[recipe])
 
 
+@pytest.mark.slow  # seconds of CPU in this process
 def test_deeplabv3plus_backbone_is_resnet_v1c_at_output_stride_8_with_an_aux_head():
     model = recipe_model("deeplabv3plus_r50_512x1024_80k.yaml")
     assert sum(p.numel() for p in model.encoder.parameters()) == resnet_v1c_50()  # the deep stem, exactly

@@ -16,6 +16,7 @@ QUOTED = {"deeplabv3plus_r50_512x1024_80k.yaml": ("80.09", "81.13"),
           "unet_mobilenetv3_512x1024_320k.yaml": ("none of this model", "64.11")}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_recipe_trains_two_steps(recipe, synth_root, tmp_path):
     out, tree = tmp_path / "run", yaml.safe_load((REPO / "configs" / recipe).read_text())

@@ -35,6 +35,7 @@ def test_update_follows_the_warmed_up_decay():
     assert not any(p.requires_grad for p in ema.module.parameters())
 
 
+@pytest.mark.slow
 def test_ema_is_saved_validated_exported_and_exact_on_resume(synth_root, tmp_path):
     straight = tmp_path / "straight"
     assert_exit(train(synth_root, straight, **EMA), 0)  # 16 images / batch 4: 4 steps, checkpoints at 2 and 4
@@ -60,6 +61,7 @@ def test_ema_is_saved_validated_exported_and_exact_on_resume(synth_root, tmp_pat
                                                                 abs=1e-6)
 
 
+@pytest.mark.slow
 def test_a_checkpoint_that_lost_its_ema_is_refused_naming_the_file(synth_root, tmp_path):
     first = tmp_path / "first"
     assert_exit(train(synth_root, first, **EMA), 0)
@@ -72,6 +74,7 @@ def test_a_checkpoint_that_lost_its_ema_is_refused_naming_the_file(synth_root, t
     assert last.startswith("error: ") and "ema.safetensors" in last, result.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_ema_is_updated_once_per_optimizer_step_under_gradient_accumulation(synth_root, tmp_path):
     """grad_accum 2: 8 micro-batches make 4 optimizer steps. Every checkpoint's EMA is the previous one moved once
     towards that step's weights and BatchNorm statistics: ema_k = d_k * ema_(k-1) + (1 - d_k) * w_k, with

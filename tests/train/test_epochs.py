@@ -4,10 +4,13 @@ from __future__ import annotations
 import json
 import re
 
+import pytest
+
 from tests.helpers.process import cityseg
 from tests.helpers.runs import read_jsonl, tiny_overrides
 
 
+@pytest.mark.slow
 def test_one_epoch_number_for_a_step_everywhere(synth_root, tmp_path):
     """16 images, batch 4: 4 steps per epoch, 2 epochs; the evaluation after epoch e is labelled e."""
     out = tmp_path / "run"
@@ -26,6 +29,7 @@ def test_one_epoch_number_for_a_step_everywhere(synth_root, tmp_path):
     assert re.search(r"^done: 8 steps; .* best mIoU 0\.\d{4} at step [48]$", done), done
 
 
+@pytest.mark.slow
 def test_a_mid_epoch_checkpoint_labels_the_epoch_in_progress(synth_root, tmp_path):
     out = tmp_path / "run"
     result = cityseg("train", "--config", "configs/demo.yaml",

@@ -103,6 +103,7 @@ def test_a_host_read_on_a_fake_tensor_raises():
 HOST_READS = ("item", "tolist", "__bool__", "__float__", "__int__", "cpu")
 
 
+@pytest.mark.slow  # seconds of CPU in this process
 def test_spy_steady_state_loop_steps_make_no_host_read(synth_root, tmp_path, monkeypatch):
     """A real training run in this process (2 epochs of 4 steps, no log window inside an epoch) with every
     Tensor host read counted: between two steps that no counter read, no evaluation and no save separate, the

@@ -113,6 +113,7 @@ def test_weight_decay_follows_each_anchor():
         assert set(decay_of(recipe).values()) == {0.0005}, recipe
 
 
+@pytest.mark.slow
 def test_engine_rescales_by_the_global_batch_with_grad_accum(synth_root, tmp_path):
     """batch 4 x 1 process x accum 2 = 8 against a reference of 16, linear: every logged LR is half the schedule's."""
     out = tmp_path / "run"
@@ -127,6 +128,7 @@ def test_engine_rescales_by_the_global_batch_with_grad_accum(synth_root, tmp_pat
         assert record["lr"] == pytest.approx(0.5 * lr_at(record["step"] - 1, 2, cfg.optim)), record
 
 
+@pytest.mark.slow
 def test_iteration_based_schedule_evaluates_and_checkpoints_every_n_steps(synth_root, tmp_path):
     """16 images / batch 4 = 4 steps per epoch; train.max_steps=10 spans 3 epochs; eval every 4, checkpoint every 5."""
     out = tmp_path / "run"
@@ -160,6 +162,7 @@ def test_warmup_and_poly_values_by_hand():
     assert [lr_at(step, 8, constant) for step in range(4)] == pytest.approx([0.005, 0.01, 0.01, 0.01], rel=1e-12)
 
 
+@pytest.mark.slow
 def test_the_lr_logged_by_a_real_run_is_the_schedule_by_hand(synth_root, tmp_path):
     """2 epochs of 4 steps; the record of step s (counted from 1) carries the LR its update used, lr_at(s - 1)."""
     out = tmp_path / "run"

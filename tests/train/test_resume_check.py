@@ -58,6 +58,7 @@ def test_old_trainer_state_epoch_meant_epochs_done():
     assert upgrade_trainer_state({"epoch": 2, "batch_in_epoch": 3})["epoch"] == 3
 
 
+@pytest.mark.slow
 def test_changed_run_refuses_to_resume_and_allowed_changes_are_logged(synth_root, tmp_path):
     out = tmp_path / "run"
     base = tiny_overrides(synth_root, out, train__max_steps=2, train__epochs=2)
@@ -117,6 +118,7 @@ def test_changed_run_refuses_to_resume_and_allowed_changes_are_logged(synth_root
     assert "records no config.yaml: the config was not compared" in other.stdout
 
 
+@pytest.mark.slow
 def test_moved_data_root_resumes_exactly_and_a_shrunk_training_set_is_one_line(synth_root, tmp_path):
     """data.root may change on resume (the dataset moved: another mount, a node-local copy), logged; a training set
     now smaller than the samples the checkpoint already trained of its epoch is refused in one line."""

@@ -14,6 +14,7 @@ SCHEDULE = {"train__epochs": 2, "optim__lr": 0.01, "optim__warmup_steps": 3, "op
             "optim__min_lr": 0.001, "train__reference_global_batch": 16, "optim__lr_scaling": "sqrt"}
 
 
+@pytest.mark.slow
 def test_every_logged_lr_is_the_one_schedule(synth_root, tmp_path):
     out = tmp_path / "run"
     result = train(synth_root, out, **SCHEDULE)

@@ -8,6 +8,7 @@ from tests.helpers.process import cityseg
 from tests.helpers.runs import read_jsonl
 
 
+@pytest.mark.slow
 def test_training_learns_and_writes_the_run_directory(trained_run):
     evaluations = read_jsonl(trained_run / "metrics.jsonl")
     assert [e["epoch"] for e in evaluations] == list(range(1, 9))
@@ -21,6 +22,7 @@ def test_training_learns_and_writes_the_run_directory(trained_run):
     assert (trained_run / "config.yaml").is_file()
 
 
+@pytest.mark.slow
 def test_evaluate_reproduces_the_last_validation_mIoU(trained_run, tmp_path):
     out = tmp_path / "eval.json"
     result = cityseg("evaluate", "--config", trained_run / "config.yaml", "--checkpoint",
