@@ -274,17 +274,25 @@ def bench_steps(cfg, batch: int, steps: int, repeats: int, concurrently: bool = 
 
 # ---- report
 
+def new_table(title: str, columns: tuple[str, ...]):
+    """A rich table whose first column (the label) is left-aligned and the figures right-aligned."""
+    from rich.table import Table
+
+    table = Table(title=title)
+    for column in columns:
+        table.add_column(column, justify="left" if column == columns[0] else "right")
+    return table
+
+
 def print_table(report: dict) -> None:
     from rich.console import Console
-    from rich.table import Table
 
     loader, step, precision, processes = report["loader"], report["step"], report["precision"], report["processes"]
     setup = report["setup"]
-    table = Table(title=f"cityseg bench: {setup['images']} images ({setup['source']}, {setup['source_size'][0]}x"
-                        f"{setup['source_size'][1]}) → {setup['image_size'][0]}x{setup['image_size'][1]}, "
-                        f"load average {report['machine']['load_before']} → {report['machine']['load_after']}")
-    for column in ("measurement", "value", "ratio"):
-        table.add_column(column, justify="left" if column == "measurement" else "right")
+    table = new_table(f"cityseg bench: {setup['images']} images ({setup['source']}, {setup['source_size'][0]}x"
+                      f"{setup['source_size'][1]}) → {setup['image_size'][0]}x{setup['image_size'][1]}, "
+                      f"load average {report['machine']['load_before']} → {report['machine']['load_after']}",
+                      ("measurement", "value", "ratio"))
     table.add_row("loader: seed-style (PIL, per-sample albumentations, in-loop encode)",
                   f"{loader['seed_img_s']:.1f} img/s", "1.0x")
     table.add_row("loader: cityseg uncached (OpenCV, one LUT)", f"{loader['uncached_img_s']:.1f} img/s",
@@ -325,14 +333,12 @@ def counted_step(cfg, tb_per_s: float = HBM_TB_PER_S) -> dict:
 
 def print_counted(counted: dict) -> None:
     from rich.console import Console
-    from rich.table import Table
 
     limit = counted["ceiling"]
-    table = Table(title=f"counted, not timed: one training step of {counted['model']}, {counted['loss']} loss, "
-                        f"batch {counted['batch']}, {counted['image_size'][0]}x{counted['image_size'][1]}, "
-                        f"{counted['mixed_precision']}, channels_last {counted['channels_last']}")
-    for column in ("part", "GB", "ATen ops"):
-        table.add_column(column, justify="left" if column == "part" else "right")
+    table = new_table(f"counted, not timed: one training step of {counted['model']}, {counted['loss']} loss, "
+                      f"batch {counted['batch']}, {counted['image_size'][0]}x{counted['image_size'][1]}, "
+                      f"{counted['mixed_precision']}, channels_last {counted['channels_last']}",
+                      ("part", "GB", "ATen ops"))
     for phase, moved in counted["gb_by_phase"].items():
         table.add_row(phase.replace("_", " "), f"{moved:.2f}", str(counted["ops_by_phase"][phase]))
     table.add_row("step", f"{counted['gb_per_step']:.2f}", str(counted["ops_per_step"]))
