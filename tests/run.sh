@@ -30,7 +30,11 @@ fi
 
 # Side by side: each stream is a pytest process of its own, and every stream but the last writes to a log printed
 # at the end. SIGINT at the time limit: pytest then tears its fixtures down (the cluster's namespaces and daemons).
-streams=("tests/cluster" "tests/checkpoint tests/distributed tests/faults")
+# tests/bench rides with tests/cluster, whose tests mostly wait: the three streams then take about as long each
+streams=("tests/cluster tests/bench" "tests/checkpoint tests/distributed tests/faults")
+# one thread per pytest process: three processes (and their children, one thread each) share 2 cores, and idle
+# OpenMP threads spinning beside them cost more CPU than the second thread gives back
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 limit=2400
 logs=() pids=() ignored=()
 for stream in "${streams[@]}"; do
